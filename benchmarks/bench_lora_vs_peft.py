@@ -7,9 +7,9 @@ machine hits both alike; we report the median step time of each, their ratio, an
 median of the ratios of adjacent steps (the more robust of the two on a busy machine).
 
 Memory: the peak of live tensor bytes during one training step (forward, backward, AdamW
-step), counted by a small TorchDispatchMode that sees every tensor an operator returns and
-drops its bytes when its storage is freed, on top of the bytes alive when the step starts
-(weights, LoRA factors, AdamW moments, the batch).
+step), counted by ``lora_course.memory.track_peak_memory`` (a TorchDispatchMode that sees
+every tensor an operator returns and drops its bytes when its storage is freed), on top of
+the bytes alive when the step starts (weights, LoRA factors, AdamW moments, the batch).
 
 Usage: python benchmarks/bench_lora_vs_peft.py [--steps 60] [--threads 1]
 """
@@ -20,53 +20,16 @@ import argparse
 import statistics
 import time
 import warnings
-import weakref
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from lora_course import add_lora, count_parameters
+from lora_course.memory import track_peak_memory
 from lora_course.models import tiny_llama
 
 MODEL = dict(vocab_size=1024, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
              num_attention_heads=4, num_key_value_heads=2)
 LORA = dict(target_modules="all-linear", r=8, alpha=16.0, dropout=0.05)
-
-
-class LiveBytes(TorchDispatchMode):
-    """Counts the bytes of tensor storages created inside the mode while they are alive."""
-
-    def __init__(self, baseline: int = 0) -> None:
-        super().__init__()
-        self.live = self.peak = baseline
-        self._alive: dict[int, weakref.ref] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                self._track(t.untyped_storage())
-        return out
-
-    def _track(self, storage: torch.UntypedStorage) -> None:
-        key = storage._cdata  # one entry per storage: views and in-place results add nothing
-        if key in self._alive:
-            return
-        size = storage.nbytes()
-        self.live += size
-        self.peak = max(self.peak, self.live)
-
-        def freed(_, key=key, size=size):
-            self.live -= size
-            self._alive.pop(key, None)
-
-        self._alive[key] = weakref.ref(storage, freed)
-
-
-def storage_bytes(tensors) -> int:
-    """Bytes of the distinct storages behind ``tensors``."""
-    return sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}.values())
 
 
 def build(kind: str, seed: int = 0):
@@ -95,10 +58,9 @@ def step(model, opt, batch) -> float:
 
 
 def peak_step_bytes(model, opt, batch) -> int:
-    tensors = [*model.parameters(), batch] + [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
-    with LiveBytes(baseline=storage_bytes(tensors)) as tracker:
+    with track_peak_memory(model, opt, batch) as mem:
         step(model, opt, batch)
-    return tracker.peak
+    return mem.peak
 
 
 def layer_overhead(rounds: int = 15, calls: int = 200) -> dict[str, float]:

@@ -8,7 +8,7 @@ grouping saves: the (seq x seq) score matrix becomes seq/G blocks of (G x G).
 
 Time: median of ``--repeats`` forward passes, alternating full / S2 so that a slow spell of
 a shared machine hits both alike. Memory: the peak of live tensor bytes during one forward,
-counted by ``LiveBytes`` from ``bench_lora_vs_peft.py`` on top of q, k, v.
+counted by ``lora_course.memory.LiveBytes`` above q, k, v (views of them count nothing).
 
 Usage: python benchmarks/bench_s2attn.py [--seqs 2048 4096 8192] [--heads 8] [--head-dim 64]
        [--ratio 0.25] [--repeats 3] [--threads 1]
@@ -18,16 +18,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lora_vs_peft import LiveBytes  # noqa: E402
-
-from lora_course import shift_short_attention  # noqa: E402
+from lora_course import shift_short_attention
+from lora_course.memory import LiveBytes
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int | None) -> torch.Tensor:
@@ -36,10 +32,10 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int | None
 
 
 def peak_bytes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, group: int | None) -> int:
-    """Peak live tensor bytes created during one forward (the inputs not counted)."""
-    with torch.no_grad(), LiveBytes() as mode:
+    """Peak live tensor bytes created during one forward (the inputs, and views of them, not counted)."""
+    with torch.no_grad(), LiveBytes([q, k, v]) as mode:
         _attend(q, k, v, group)
-    return mode.peak
+    return mode.peak - mode.baseline
 
 
 def measure(seq: int, heads: int = 8, head_dim: int = 64, ratio: float = 0.25, repeats: int = 3,

@@ -92,14 +92,15 @@ class _NF4Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_x = grad_bias = None
+        saved = ctx.saved_tensors  # read once: non-reentrant checkpointing allows one unpack
         if ctx.needs_input_grad[0]:
             shape, dtype, blocksize = ctx.meta
-            nf4 = _nf4_from(ctx.saved_tensors, shape, dtype, blocksize)
+            nf4 = _nf4_from(saved, shape, dtype, blocksize)
             w = nf4.dequantize().to(grad_out.dtype)  # (out, in), in the stored dtype first, as bnb
             grad_x = torch.matmul(grad_out, w)  # (..., in)
         if ctx.needs_input_grad[1]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)  # (out,)
-        return grad_x, grad_bias, None, *([None] * len(ctx.saved_tensors))
+        return grad_x, grad_bias, None, *([None] * len(saved))
 
 
 def _nf4_from(qtensors, shape, dtype, blocksize) -> NF4Weight:

@@ -95,7 +95,7 @@ def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = 256) -> tuple[torc
     inv = torch.where(zero, 0.0, 1.0 / absmax)  # (nb,) float32 reciprocal, then multiply (as the C kernel)
     q = _dynamic_lut().to(x.device)[lut_slot(blocks * inv[:, None])]  # (nb, bs) uint8
     q = torch.where(zero[:, None], torch.zeros((), dtype=torch.uint8), q)
-    return q.reshape(-1)[:n].reshape(x.shape), absmax
+    return q.reshape(-1)[:n].clone().reshape(x.shape), absmax  # clone: no padded storage kept
 
 
 def dequantize_blockwise_8bit(
@@ -113,4 +113,4 @@ def dequantize_blockwise_8bit(
     vals = dynamic_map(True).to(q.device)[q.reshape(-1).long()]  # (n,) float32
     vals = torch.nn.functional.pad(vals, (0, nb * blocksize - n)).view(nb, blocksize)
     out = vals * absmax.float().reshape(nb, 1)  # (nb, bs)
-    return out.reshape(-1)[:n].reshape(q.shape).to(dtype)
+    return out.reshape(-1)[:n].reshape(q.shape).to(dtype, copy=True)  # copy: no padded storage kept
