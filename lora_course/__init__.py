@@ -11,6 +11,7 @@ _apply_profile()
 from .config import pick_device, profile, seed_everything  # noqa: E402
 from .longlora import patch_s2attn, shift_short_attention  # noqa: E402
 from .lora import LoRALinear, add_lora, count_parameters, merge_lora  # noqa: E402
+from .memory import estimate_training_memory, track_peak_memory  # noqa: E402
 from .qlora import QLoRALinear, add_qlora  # noqa: E402
 from .peft_io import load_adapter, save_adapter  # noqa: E402
 from .quant import (  # noqa: E402
@@ -38,6 +39,8 @@ __all__ = [
     "count_parameters",
     "load_adapter",
     "merge_lora",
+    "estimate_training_memory",
+    "track_peak_memory",
     "QLoRALinear",
     "add_qlora",
     "patch_s2attn",
