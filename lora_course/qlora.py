@@ -46,7 +46,7 @@ from .lora import (
 from .quant._checks import FLOAT_DTYPES, check_blocksize
 from .quant.nf4 import BLOCKSIZES_4BIT, NF4Weight, dequantize_nf4, quantize_nf4
 
-__all__ = ["Packed4bitParameter", "QLoRALinear", "add_qlora", "qlora_layers"]
+__all__ = ["NF4Linear", "Packed4bitParameter", "QLoRALinear", "add_qlora", "qlora_layers", "quantize_linear_layers"]
 
 
 def check_qlora_args(r, alpha, dropout, blocksize, double_quant, compute_dtype) -> None:
@@ -113,39 +113,26 @@ def _nf4_from(qtensors, shape, dtype, blocksize) -> NF4Weight:
                      qabsmax=qabsmax, absmax2=absmax2, offset=offset)
 
 
-class QLoRALinear(nn.Module):
-    """A frozen NF4-quantized ``nn.Linear`` (or GPT-2 ``Conv1D``) plus trainable LoRA factors.
+class NF4Linear(nn.Module):
+    """A frozen ``nn.Linear`` (or GPT-2 ``Conv1D``) whose weight is kept only in NF4.
 
-    ``forward(x) = x @ dequant(W).T + bias + (dropout(x) @ A.T @ B.T) * scaling``.
-
-    Args:
-        base: the layer to quantize; its weight is quantized once and then dropped (a
-            ``Conv1D``'s (in, out) weight is transposed to (out, in) first). The bias is
-            kept, frozen, in its dtype.
-        r, alpha, dropout: as :class:`~lora_course.LoRALinear` (``scaling = alpha / r``).
-        blocksize: NF4 block size (64 as QLoRA / bitsandbytes' default).
-        double_quant: quantize the block constants too (bitsandbytes' ``compress_statistics``).
-        compute_dtype: dtype of the base matmul (bitsandbytes' ``bnb_4bit_compute_dtype``).
-
-    Stored: ``packed`` (a frozen :class:`Packed4bitParameter`, uint8, ``(out*in+1)//2``),
-    buffers ``absmax`` or ``qabsmax``/``absmax2``/``offset``, ``bias`` (frozen, or None),
-    ``lora_A`` (r x in) and ``lora_B`` (out x r) in float32 (A kaiming-uniform, B zeros, drawn
-    as PEFT draws them). No floating (out x in) tensor is kept. ``nf4`` rebuilds the
-    :class:`~lora_course.NF4Weight` view of the stored tensors.
+    ``forward(x) = x @ dequant(W).T + bias`` in ``compute_dtype``, W dequantized on the fly
+    (bitsandbytes' ``Linear4bit`` without an adapter, what ``BitsAndBytesConfig(load_in_4bit=
+    True)`` puts in place of every linear layer). Stored: ``packed`` (a frozen
+    :class:`Packed4bitParameter`, uint8, ``(out*in+1)//2``), buffers ``absmax`` or
+    ``qabsmax``/``absmax2``/``offset``, ``bias`` (frozen, or None). No floating (out x in)
+    tensor is kept; ``nf4`` rebuilds the :class:`~lora_course.NF4Weight` view.
     """
 
     def __init__(
         self,
         base: nn.Module,
-        r: int = 8,
-        alpha: float = 8.0,
-        dropout: float = 0.0,
         blocksize: int = 64,
         double_quant: bool = True,
         compute_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        check_qlora_args(r, alpha, dropout, blocksize, double_quant, compute_dtype)
+        check_qlora_args(1, 1.0, 0.0, blocksize, double_quant, compute_dtype)
         check_base_layer(base)
         weight = base.weight.detach()
         if isinstance(base, _conv1d_type()):
@@ -153,7 +140,6 @@ class QLoRALinear(nn.Module):
         if weight.dtype not in FLOAT_DTYPES:
             raise ValueError(f"base weight must be float32/float16/bfloat16, got {weight.dtype}")
         self.out_features, self.in_features = weight.shape
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r
         self.blocksize, self.double_quant, self.compute_dtype = blocksize, double_quant, compute_dtype
         self.weight_shape, self.weight_dtype = torch.Size(weight.shape), weight.dtype
         nf4 = quantize_nf4(weight, blocksize=blocksize, double_quant=double_quant)
@@ -163,11 +149,6 @@ class QLoRALinear(nn.Module):
             self.register_buffer(name, getattr(nf4, name))
         bias = getattr(base, "bias", None)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()  # PEFT: Identity at 0
-        device = self.packed.device
-        A, B = draw_factors(r, self.in_features, self.out_features)  # as LoRALinear, as PEFT
-        self.lora_A = nn.Parameter(A.to(device))  # (r, in), float32
-        self.lora_B = nn.Parameter(B.to(device))  # (out, r), float32
 
     def _constant_names(self) -> tuple[str, ...]:
         return ("qabsmax", "absmax2", "offset") if self.double_quant else ("absmax",)
@@ -183,6 +164,61 @@ class QLoRALinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:
         """dequant(W), (out x in) in the original weight dtype (a fresh tensor, not stored)."""
         return self.nf4.dequantize()
+
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x @ dequant(W).T + bias`` in ``compute_dtype``, returned in x's dtype (bitsandbytes)."""
+        meta = (self.weight_shape, self.weight_dtype, self.blocksize)
+        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
+        result = _NF4Linear.apply(x.to(self.compute_dtype), bias, meta, *self._qtensors())
+        return result.to(x.dtype)  # (..., out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base_forward(x)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in={self.in_features}, out={self.out_features}, blocksize={self.blocksize}, "
+            f"double_quant={self.double_quant}, compute_dtype={self.compute_dtype}"
+        )
+
+
+class QLoRALinear(NF4Linear):
+    """A frozen NF4-quantized ``nn.Linear`` (or GPT-2 ``Conv1D``) plus trainable LoRA factors.
+
+    ``forward(x) = x @ dequant(W).T + bias + (dropout(x) @ A.T @ B.T) * scaling``.
+
+    Args:
+        base: the layer to quantize; its weight is quantized once and then dropped (a
+            ``Conv1D``'s (in, out) weight is transposed to (out, in) first). The bias is
+            kept, frozen, in its dtype.
+        r, alpha, dropout: as :class:`~lora_course.LoRALinear` (``scaling = alpha / r``).
+        blocksize: NF4 block size (64 as QLoRA / bitsandbytes' default).
+        double_quant: quantize the block constants too (bitsandbytes' ``compress_statistics``).
+        compute_dtype: dtype of the base matmul (bitsandbytes' ``bnb_4bit_compute_dtype``).
+
+    Stored: what :class:`NF4Linear` stores, plus ``lora_A`` (r x in) and ``lora_B`` (out x r)
+    in float32 (A kaiming-uniform, B zeros, drawn as PEFT draws them). No floating (out x in)
+    tensor is kept.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int = 8,
+        alpha: float = 8.0,
+        dropout: float = 0.0,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        check_qlora_args(r, alpha, dropout, blocksize, double_quant, compute_dtype)
+        super().__init__(base, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype)
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        self.dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()  # PEFT: Identity at 0
+        device = self.packed.device
+        A, B = draw_factors(r, self.in_features, self.out_features)  # as LoRALinear, as PEFT
+        self.lora_A = nn.Parameter(A.to(device))  # (r, in), float32
+        self.lora_B = nn.Parameter(B.to(device))  # (out, r), float32
 
     def delta_weight(self) -> torch.Tensor:
         """The update scaling * B @ A, (out x in)."""
@@ -202,10 +238,7 @@ class QLoRALinear(nn.Module):
         return layer.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        meta = (self.weight_shape, self.weight_dtype, self.blocksize)
-        bias = None if self.bias is None else self.bias.to(self.compute_dtype)
-        result = _NF4Linear.apply(x.to(self.compute_dtype), bias, meta, *self._qtensors())
-        result = result.to(x.dtype)  # (..., out), bitsandbytes returns the input's dtype
+        result = self.base_forward(x)  # (..., out) in x's dtype, as bitsandbytes returns it
         xa = x.to(self.lora_A.dtype)
         h = F.linear(self.dropout(xa), self.lora_A)  # x @ A.T: (..., r)
         delta = F.linear(h, self.lora_B) * self.scaling  # h @ B.T: (..., out)
@@ -266,4 +299,42 @@ def add_qlora(
     for layer in qlora_layers(model).values():
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
+    return model
+
+
+def quantize_linear_layers(
+    model: nn.Module,
+    skip_modules: Sequence[str] = (),
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
+) -> nn.Module:
+    """Replace every remaining ``nn.Linear`` / ``Conv1D`` of ``model`` by a frozen :class:`NF4Linear`,
+    in place; returns ``model``. What ``BitsAndBytesConfig(load_in_4bit=True)`` does when it
+    loads a model: the output head (``lm_head``, found as in ``"all-linear"``) and every module
+    named (or ending with a name) in ``skip_modules`` (e.g. ``["classifier"]``) stay as they are.
+    Call it after :func:`add_qlora` to quantize the layers without adapter as well.
+
+    Raises:
+        ValueError: a bad quantization argument or a ``skip_modules`` name that matches nothing.
+    """
+    from .lora import _output_head_name, is_lora_target_type
+
+    check_qlora_args(1, 1.0, 0.0, blocksize, double_quant, compute_dtype)
+    if isinstance(skip_modules, str):
+        skip_modules = [skip_modules]
+    names = [n for n, _ in model.named_modules()]
+    for skip in skip_modules:
+        if not any(n == skip or n.endswith("." + skip) for n in names):
+            raise ValueError(f"skip_modules entry {skip!r} matches no module of the model")
+    head = _output_head_name(model)
+    inside_adapters = [a + "." for a in adapter_layers(model)]  # e.g. a LoRALinear's base layer
+    skipped = lambda n: (n == head or any(n == s or n.endswith("." + s) for s in skip_modules)  # noqa: E731
+                         or any(n.startswith(a) for a in inside_adapters))
+    targets = [n for n, m in model.named_modules()
+               if n and is_lora_target_type(m) and not isinstance(m, NF4Linear) and not skipped(n)]
+    for name in targets:
+        layer = NF4Linear(model.get_submodule(name), blocksize=blocksize, double_quant=double_quant,
+                          compute_dtype=compute_dtype)
+        _set_submodule(model, name, layer.requires_grad_(False))
     return model

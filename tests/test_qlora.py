@@ -177,3 +177,48 @@ def test_add_qlora_errors():
 
 
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def test_quantize_linear_layers_equals_bitsandbytes_4bit_loading(minilm):
+    """Our whole-model NF4 quantization = transformers' BitsAndBytesConfig(load_in_4bit) loading."""
+    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    from lora_course.models import minilm_classifier, minilm_path
+    from lora_course.qlora import NF4Linear, quantize_linear_layers
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = AutoModelForSequenceClassification.from_pretrained(str(minilm_path()), num_labels=6,
+                                                                 quantization_config=config, device_map="cpu")
+    ours, tokenizer = minilm_classifier(6)
+    ours.classifier.load_state_dict(ref.classifier.state_dict())
+    quantize_linear_layers(ours, skip_modules=["classifier"])
+    n_bnb = sum(isinstance(m, bnb.nn.Linear4bit) for m in ref.modules())
+    assert sum(isinstance(m, NF4Linear) for m in ours.modules()) == n_bnb == 37  # 6 x 6 + pooler
+    assert isinstance(ours.classifier, nn.Linear)
+    for model in (ref, ours):  # training mode (bitsandbytes' CPU inference shortcut is not ours), no dropout
+        model.train()
+        for module in model.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+    batch = tokenizer(["read a file from disk", "open a socket"], return_tensors="pt", padding=True)
+    assert _maxdiff(ref(**batch).logits, ours(**batch).logits) == 0.0
+    # PEFT counts a Params4bit's packed bytes twice (two 4-bit values per byte), as we do
+    assert count_parameters(ours)[1] == sum(p.numel() * (2 if isinstance(p, bnb.nn.Params4bit) else 1)
+                                            for p in ref.parameters())
+
+
+def test_quantize_linear_layers_skips_adapters_and_head():
+    from lora_course.models import tiny_llama
+    from lora_course.qlora import NF4Linear, quantize_linear_layers
+
+    model = add_qlora(tiny_llama(), ["q_proj"], r=4)
+    quantize_linear_layers(model)
+    kinds = {name: type(m).__name__ for name, m in model.named_modules()}
+    assert kinds["lm_head"] == "Linear" and kinds["model.layers.0.self_attn.q_proj"] == "QLoRALinear"
+    assert kinds["model.layers.0.mlp.down_proj"] == "NF4Linear"
+    assert not any(p.requires_grad for m in model.modules() if type(m) is NF4Linear for p in m.parameters())
+    with pytest.raises(ValueError, match="'nope' matches no module"):
+        quantize_linear_layers(model, skip_modules=["nope"])
