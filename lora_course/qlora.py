@@ -35,6 +35,7 @@ from torch import nn
 
 from .lora import (
     ALL_LINEAR,
+    MODULES_TO_SAVE_FLAG,
     _conv1d_type,
     _set_submodule,
     adapter_layers,
@@ -42,6 +43,7 @@ from .lora import (
     check_lora_args,
     draw_factors,
     find_lora_targets,
+    find_modules_to_save,
 )
 from .quant._checks import FLOAT_DTYPES, check_blocksize
 from .quant.nf4 import BLOCKSIZES_4BIT, NF4Weight, dequantize_nf4, quantize_nf4
@@ -266,12 +268,14 @@ def add_qlora(
     blocksize: int = 64,
     double_quant: bool = True,
     compute_dtype: torch.dtype = torch.float32,
+    modules_to_save: Sequence[str] | None = None,
 ) -> nn.Module:
     """Replace the target layers of ``model`` by :class:`QLoRALinear`, in place; returns ``model``.
 
     Name matching as :func:`~lora_course.add_lora` (PEFT's rules; ``"all-linear"`` leaves out
     the output head). Layers are wrapped in ``named_modules`` order, so one seed gives PEFT's
-    A factors. Everything is frozen except the LoRA factors. Note: unlike
+    A factors. Everything is frozen except the LoRA factors and the ``modules_to_save``
+    (trained whole, in their dtype, as :func:`~lora_course.add_lora`). Note: unlike
     ``BitsAndBytesConfig`` loading, only the targeted layers are quantized (the output head and
     embeddings stay as they are).
 
@@ -289,7 +293,8 @@ def add_qlora(
             "model already has adapter layers (e.g. "
             f"{next(iter(adapter_layers(model)))!r}); call merge_lora(model) first"
         )
-    names = find_lora_targets(model, target_modules)
+    save_names = find_modules_to_save(model, modules_to_save)
+    names = find_lora_targets(model, target_modules, modules_to_save)
     for name in names:  # named_modules order: PEFT's order of random draws
         layer = QLoRALinear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout,
                             blocksize=blocksize, double_quant=double_quant,
@@ -299,6 +304,9 @@ def add_qlora(
     for layer in qlora_layers(model).values():
         layer.lora_A.requires_grad_(True)
         layer.lora_B.requires_grad_(True)
+    for name in save_names:  # counted as PEFT counts its trained copy (see count_parameters)
+        module = model.get_submodule(name).requires_grad_(True)
+        setattr(module, MODULES_TO_SAVE_FLAG, True)
     return model
 
 

@@ -222,3 +222,34 @@ def test_quantize_linear_layers_skips_adapters_and_head():
     assert not any(p.requires_grad for m in model.modules() if type(m) is NF4Linear for p in m.parameters())
     with pytest.raises(ValueError, match="'nope' matches no module"):
         quantize_linear_layers(model, skip_modules=["nope"])
+
+
+def test_qlora_minilm_equals_bitsandbytes_peft_model(minilm):
+    """The notebook-05 pair: our QLoRA MiniLM and the real BitsAndBytesConfig + PEFT one."""
+    from lora_course.data import label_names
+    from lora_course.experiments.qlora_minilm import build
+    from lora_course.qlora import qlora_layers
+
+    ours, tokenizer = build("qlora_ours", len(label_names()))
+    ref, _ = build("qlora_bnb", len(label_names()))
+    assert count_parameters(ours) == ref.get_nb_trainable_parameters()
+    batch = tokenizer(["read a file from disk", "open a socket", "parse a date"], return_tensors="pt", padding=True)
+    labels = torch.tensor([0, 1, 4])
+    with torch.no_grad():  # B = 0 at init would hide the adapter: give both the same B
+        for name, layer in qlora_layers(ours).items():
+            layer.lora_B.normal_(std=0.05)
+            ref.base_model.model.get_submodule(name).lora_B["default"].weight.copy_(layer.lora_B)
+    losses = []
+    for model in (ours, ref):
+        model.train()
+        torch.manual_seed(3)  # the same dropout masks
+        loss = model(**batch, labels=labels).loss
+        loss.backward()
+        losses.append(loss)
+    assert losses[0].item() == losses[1].item()
+    for name, layer in qlora_layers(ours).items():
+        peft_layer = ref.base_model.model.get_submodule(name)
+        assert _maxdiff(layer.lora_A.grad, peft_layer.lora_A["default"].weight.grad) == 0.0
+        assert _maxdiff(layer.lora_B.grad, peft_layer.lora_B["default"].weight.grad) == 0.0
+    head = ref.base_model.model.classifier.modules_to_save["default"]
+    assert _maxdiff(ours.classifier.weight.grad, head.weight.grad) == 0.0
