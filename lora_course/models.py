@@ -87,6 +87,28 @@ def tiny_llama(seed: int = 0, **overrides: Any) -> nn.Module:
     return model.eval()
 
 
+REFERENCE_CONFIG_DIR = Path(__file__).resolve().parent.parent / "data" / "configs"
+REFERENCE_CONFIGS = ("smollm-135m", "tinyllama-1.1b", "llama-2-7b", "llama-65b")
+
+
+def reference_config(name: str, **overrides: Any):
+    """The ``LlamaConfig`` of a published Llama-family model, from ``data/configs/<name>.json``
+    (architecture fields copied from the model's Hub ``config.json``; no weights).
+
+    ``name``: one of :data:`REFERENCE_CONFIGS`; ``overrides`` replace fields (e.g. fewer layers).
+    Build it without memory with :func:`lora_course.memory.model_on_meta`.
+    """
+    import json
+
+    from transformers import LlamaConfig
+
+    if name not in REFERENCE_CONFIGS:
+        raise ValueError(f"name={name!r} is not a reference config; allowed values: {', '.join(REFERENCE_CONFIGS)}")
+    fields = json.loads((REFERENCE_CONFIG_DIR / f"{name}.json").read_text(encoding="utf-8"))
+    fields = {k: v for k, v in fields.items() if not k.startswith("_") and k not in ("architectures", "model_type")}
+    return LlamaConfig(**{**fields, **overrides})
+
+
 def tiny_gpt2(seed: int = 0, **overrides: Any) -> nn.Module:
     """A 2-layer ``GPT2LMHeadModel`` (hidden 64, 4 heads) whose projections are ``Conv1D``.
 
