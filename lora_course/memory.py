@@ -253,6 +253,17 @@ def model_on_meta(config: Any) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
+_META_MODELS: dict[str, nn.Module] = {}
+
+
+def _meta_model_cached(config: Any) -> nn.Module:
+    """:func:`model_on_meta`, built once per distinct config (the estimate is called in loops)."""
+    key = f"{type(config).__name__}:{config.to_json_string(use_diff=False)}"
+    if key not in _META_MODELS:
+        _META_MODELS[key] = model_on_meta(config)
+    return _META_MODELS[key]
+
+
 def _unique_params(model: nn.Module) -> dict[str, nn.Parameter]:
     seen: dict[int, str] = {}
     out: dict[str, nn.Parameter] = {}
@@ -474,7 +485,7 @@ def estimate_training_memory(
                                total_params=n, notes=notes)
 
     config = model.config if isinstance(model, nn.Module) else model
-    net = model if isinstance(model, nn.Module) else model_on_meta(config)
+    net = model if isinstance(model, nn.Module) else _meta_model_cached(config)
     params = _unique_params(net)
     n_total = sum(p.numel() for p in params.values())
     targets = [] if method == "full" else find_lora_targets(net, target_modules)

@@ -255,3 +255,23 @@ def test_qlora_with_gradient_checkpointing_gives_the_same_gradients(one_thread):
         model(input_ids=ids, labels=ids).loss.backward()
         grads.append([p.grad for p in model.parameters() if p.requires_grad])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_committed_gpu_records_reads_the_measurement_files(tmp_path):
+    import json
+
+    from lora_course.experiments.memory_measured import committed_gpu_records
+
+    assert committed_gpu_records(tmp_path) == []
+    (tmp_path / "memory_cuda.json").write_text(json.dumps({"gpu": "X", "rows": []}))
+    (tmp_path / "other.json").write_text("{}")
+    assert committed_gpu_records(tmp_path) == [{"gpu": "X", "rows": []}]
+
+
+def test_measure_one_agrees_with_the_estimate(one_thread):
+    from lora_course.experiments.memory_measured import measure_one
+
+    config = llama_config(num_hidden_layers=2)
+    row = measure_one(config, "qlora", 1, 32, False, torch.float32, 4, ["q_proj", "down_proj"], 1e-4, timed_steps=1)
+    assert abs(row["peak_error"]) < 0.001 and row["seconds_per_step"] > 0
+    assert row["estimate"]["trainable_params"] == 2 * 4 * ((128 + 128) + (344 + 128))

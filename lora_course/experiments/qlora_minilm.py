@@ -13,7 +13,7 @@ LoRA r=8 (alpha 16) on ``query`` and ``value``; compute dtype float32 (on a CPU 
 matmuls are emulated and slower; on a GPU QLoRA uses bfloat16). ``quick`` is what notebook 05
 re-runs (it must agree with this file); ``long`` is the budget a minute does not allow.
 
-Run (about 6 minutes on a 2-core CPU)::
+Run (about 5 minutes on an idle 2-core CPU)::
 
     python -m lora_course.experiments.qlora_minilm    # writes data/results/qlora_minilm.json
 """
@@ -35,7 +35,7 @@ from ..train import evaluate_accuracy, train_classifier
 
 RESULTS_FILE = DATA_DIR / "results" / "qlora_minilm.json"
 COMMAND = "python -m lora_course.experiments.qlora_minilm"
-BUDGETS = {"quick": 20, "long": 200}
+BUDGETS = {"quick": 20, "long": 120}
 METHODS = ("lora", "qlora_ours", "qlora_bnb")
 SETTINGS = dict(lr=2e-3, r=8, alpha=16.0, targets=("query", "value"), batch_size=32, max_length=32, seed=0,
                 blocksize=64, double_quant=True, compute_dtype="float32")
