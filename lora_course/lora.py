@@ -136,6 +136,9 @@ class LoRALinear(nn.Module):
     cast back to the base output's dtype.
     """
 
+    # the trainable tensors :func:`mark_trainable` unfreezes (subclasses such as DoRA add theirs)
+    adapter_parameter_names: tuple[str, ...] = ("lora_A", "lora_B")
+
     def __init__(
         self,
         base: nn.Module,
@@ -417,8 +420,8 @@ def mark_trainable(model: nn.Module, modules_to_save: Iterable[str] = ()) -> Non
     """Freeze everything except the LoRA factors and the ``modules_to_save`` (flagged)."""
     model.requires_grad_(False)
     for layer in lora_layers(model).values():
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
+        for name in layer.adapter_parameter_names:  # DoRA adds its magnitude
+            getattr(layer, name).requires_grad_(True)
     for name in modules_to_save:
         module = model.get_submodule(name)
         module.requires_grad_(True)
