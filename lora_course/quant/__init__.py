@@ -1,6 +1,14 @@
-"""Weight quantization built from scratch: NF4 (QLoRA) and double quantization of its constants."""
+"""Weight quantization built from scratch: NF4 (QLoRA), double quantization of its constants, LLM.int8()."""
 
 from .double_quant import dequantize_blockwise_8bit, dynamic_map, quantize_blockwise_8bit
+from .int8 import (
+    Int8Linear,
+    Int8LoRALinear,
+    add_int8,
+    add_int8_lora,
+    dequantize_int8_vectorwise,
+    quantize_int8_vectorwise,
+)
 from .nf4 import NF4_CODE, NF4Weight, dequantize_nf4, nf4_code, quantize_nf4
 
 __all__ = [
@@ -12,4 +20,10 @@ __all__ = [
     "nf4_code",
     "quantize_blockwise_8bit",
     "quantize_nf4",
+    "Int8Linear",
+    "Int8LoRALinear",
+    "add_int8",
+    "add_int8_lora",
+    "dequantize_int8_vectorwise",
+    "quantize_int8_vectorwise",
 ]

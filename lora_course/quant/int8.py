@@ -1,0 +1,384 @@
+"""LLM.int8() from scratch: vector-wise int8 quantization and the outlier decomposition.
+
+LLM.int8() (Dettmers et al., arXiv 2208.07339) stores a linear layer's weight W (out x in) as
+int8 with one scale per output row, and at inference quantizes the activations X (tokens x in)
+with one scale per token (row)::
+
+    W_q = round(127 * W / absmax_row(W))       X_q = round(127 * X / absmax_row(X))
+    Y   = (X_q @ W_q.T)_int32 * absmax(X)[:, None] * absmax(W)[None, :] / 127**2
+
+Large-magnitude "emergent outlier features" live in a few input dimensions (columns of X).
+One of them would blow up its token's scale and crush every other value of that row to 0, so
+the *mixed-precision decomposition* takes every input column with any ``|x| >= threshold``
+out of the int8 product and multiplies it in floating point against the (dequantized) matching
+weight columns::
+
+    Y = int8_part(X[:, normal], W[:, normal]) + X[:, outlier] @ dequant(W_q)[:, outlier].T
+
+Everything below reproduces bitsandbytes 0.50 on CPU operation for operation (read in
+``bitsandbytes/backends/default/ops.py``: ``int8_vectorwise_quant``, ``int8_mm_dequant``,
+``int8_mixed_scaled_mm``; ``bitsandbytes/_ops.py``: ``int8_vectorwise_dequant``;
+``bitsandbytes/autograd/_functions.py``: ``MatMul8bitLt``, ``MatMul8bitFp``;
+``bitsandbytes/nn/modules.py``: ``Linear8bitLt``, ``Int8Params``). Quirks kept on purpose:
+
+* rounding is ``torch.round``: round half to **even** (2.5 -> 2), not half away from zero;
+* the scale is 127 (codes -127..127; -128 is never used);
+* the outlier test is ``|x| >= threshold`` (not ``>``); outliers are set to 0 *before* the row
+  absmax is taken, and with more than one row the whole outlier column of the int8 activation
+  is zeroed (with a single row only the outlier entries themselves are 0);
+* the int32 -> float rescale multiplies by the literal ``6.200124e-05``, which is *not*
+  1/127**2 = 6.2000124e-05 (a zero is missing): int8 outputs come out 1.8e-5 (relative) too
+  large. We keep the same literal so the outputs agree; :data:`INT8_MM_DEQUANT_SCALE`;
+* dequantizing a weight for the outlier columns multiplies by ``7.874015718698502e-3``
+  (float32(1/127)) after the row scale; the training-mode path instead scales the scale first,
+  ``CB * (SCB * (1/127))``. Both orders are kept (they differ in the last bit);
+* inputs are cast to float16 before quantization (a warning in bitsandbytes for float32 input);
+  the floating-point outlier product runs in the *input's* dtype.
+
+The int8 product itself is exact int32 arithmetic (``torch._int_mm`` on CPUs with AVX-512, which is
+what bitsandbytes calls there). Without AVX-512 bitsandbytes falls back to a float32 matmul cast
+to int32, which is exact only while partial sums stay below 2**24; we always compute the exact
+int32 result (through float64 where ``torch._int_mm`` is unavailable).
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._checks import check_float_tensor
+
+INT8_SCALE = 127.0
+#: bitsandbytes' int32 -> float rescale constant (note: 1/127**2 would be 6.2000124e-05)
+INT8_MM_DEQUANT_SCALE = 6.200124e-05
+#: float32(1/127), the constant of bitsandbytes' ``int8_vectorwise_dequant``
+INV_127 = 7.874015718698502e-3
+
+
+def _check_threshold(threshold: object) -> float:
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not threshold >= 0:
+        raise ValueError(f"threshold must be a number >= 0 (0 disables the outlier decomposition), "
+                         f"got threshold={threshold!r}")
+    return float(threshold)
+
+
+def outlier_columns(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Indices (int64, sorted) of the columns of 2-D ``x`` holding any ``|x| >= threshold``.
+
+    Empty for ``threshold == 0`` (no decomposition), as bitsandbytes.
+    """
+    _check_threshold(threshold)
+    if threshold == 0:
+        return torch.empty(0, dtype=torch.long, device=x.device)
+    return torch.nonzero((x.abs() >= threshold).any(dim=0)).view(-1)  # (k,)
+
+
+def quantize_int8_vectorwise(x: torch.Tensor, threshold: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise (vector-wise) absmax int8 quantization: ``(q int8, row_absmax float32)``.
+
+    ``x`` is 2-D (rows x cols), computed in its own dtype (bitsandbytes' ``Linear8bitLt`` casts
+    to float16 first; :class:`Int8Linear` does too). ``row_absmax`` is the row's max ``|x|``
+    (in ``x``'s dtype, then float32) and ``q = round_half_even(x * (127 / row_absmax))``.
+    With ``threshold > 0`` the entries with ``|x| >= threshold`` are zeroed before that, and
+    (for more than one row) every column holding one is zeroed in ``q``. An all-zero row gives
+    ``0 * inf = nan`` codes, which the cast turns into 0 (as bitsandbytes).
+    Equal (``torch.equal``) to ``bitsandbytes.functional.int8_vectorwise_quant(x, threshold)[:2]``.
+    """
+    check_float_tensor("x", x)
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D (rows x cols), got shape {tuple(x.shape)}")
+    threshold = _check_threshold(threshold)
+    cols = outlier_columns(x, threshold)
+    if threshold > 0:
+        x = x.masked_fill(x.abs() >= threshold, 0)  # outliers do not count toward the row max
+    row_absmax = x.abs().amax(dim=1).float()  # (rows,) max in x's dtype, then float32
+    q = torch.round(x * (INT8_SCALE / row_absmax[:, None])).to(torch.int8)  # (rows, cols) half-even
+    if x.shape[0] > 1 and cols.numel():
+        q[:, cols] = 0  # the outlier columns go through the floating-point matmul instead
+    return q, row_absmax
+
+
+def dequantize_int8_vectorwise(q: torch.Tensor, row_absmax: torch.Tensor) -> torch.Tensor:
+    """``q * row_absmax[:, None] * float32(1/127)`` in float32 (bitsandbytes' ``int8_vectorwise_dequant``)."""
+    if not isinstance(q, torch.Tensor) or q.dtype != torch.int8:
+        raise ValueError(f"q must be an int8 tensor, got {getattr(q, 'dtype', type(q).__name__)}")
+    if not isinstance(row_absmax, torch.Tensor) or row_absmax.numel() != q.shape[0]:
+        got = tuple(row_absmax.shape) if isinstance(row_absmax, torch.Tensor) else type(row_absmax).__name__
+        raise ValueError(f"row_absmax must have one value per row of q ({q.shape[0]}), got {got}")
+    return q * row_absmax.float().view(-1, 1) * INV_127  # (rows, cols) float32
+
+
+def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Exact ``a @ b.T`` for int8 ``a`` (m x k) and ``b`` (n x k), accumulated in int32."""
+    try:
+        return torch._int_mm(a, b.t())  # (m, n) int32; what bitsandbytes uses on AVX-512 CPUs
+    except (RuntimeError, AttributeError):  # pragma: no cover - depends on the build / CPU
+        return (a.double() @ b.double().t()).to(torch.int32)  # exact: |sum| < 2**53
+
+
+def int8_mm_dequant(acc: torch.Tensor, row_absmax: torch.Tensor, col_absmax: torch.Tensor,
+                    bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """int32 accumulator -> float: ``acc * (sx[:, None] * sw[None, :]) * 6.200124e-05 (+ bias)``."""
+    out = acc * (row_absmax.view(-1, 1) * col_absmax.view(1, -1)) * INT8_MM_DEQUANT_SCALE  # float32
+    if bias is not None:
+        out += bias  # in float32, before rounding to dtype (as bitsandbytes)
+    return out.to(dtype)
+
+
+def int8_linear_forward(x2: torch.Tensor, w_q: torch.Tensor, w_absmax: torch.Tensor,
+                        bias: torch.Tensor | None, threshold: float) -> torch.Tensor:
+    """LLM.int8() for 2-D ``x2`` (tokens x in): int8 part + floating-point outlier part."""
+    x16 = x2.to(torch.float16)  # bitsandbytes quantizes activations from float16
+    cols = outlier_columns(x16, threshold)  # (k,) outlier input dimensions
+    x_q, x_absmax = quantize_int8_vectorwise(x16, threshold)  # (tokens, in), (tokens,)
+    out = int8_mm_dequant(int8_matmul(x_q, w_q), x_absmax, w_absmax, bias, x2.dtype)  # (tokens, out)
+    if cols.numel():
+        w_cols = dequantize_int8_vectorwise(w_q[:, cols].contiguous(), w_absmax).to(x2.dtype)  # (out, k)
+        out = out.addmm(x2[:, cols], w_cols.t())  # + X[:, outliers] @ W[:, outliers].T in x's dtype
+    return out
+
+
+def dequantize_weight(w_q: torch.Tensor, w_absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight as bitsandbytes' ``MatMul8bitFp`` / backward build it: ``W_q * (absmax * (1/127))``."""
+    return w_q.to(dtype).mul_(w_absmax.unsqueeze(1).mul(1.0 / 127.0))  # (out, in)
+
+
+class _Int8MatMul(torch.autograd.Function):
+    """Forward: LLM.int8(); backward: dL/dx = dL/dy @ dequant(W) (bitsandbytes' ``MatMul8bitLt``)."""
+
+    @staticmethod
+    def forward(ctx, x2, w_q, w_absmax, bias, threshold):  # type: ignore[override]
+        ctx.save_for_backward(w_q, w_absmax)
+        ctx.x_dtype = x2.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return int8_linear_forward(x2, w_q, w_absmax, bias, threshold)
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        w_q, w_absmax = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_out.to(ctx.x_dtype) @ dequantize_weight(w_q, w_absmax, ctx.x_dtype)
+        if ctx.needs_input_grad[3]:
+            grad_bias = grad_out.sum(0, dtype=ctx.bias_dtype)
+        return grad_x, None, None, grad_bias, None
+
+
+class Int8Linear(nn.Module):
+    """A frozen linear layer stored as LLM.int8() weights: int8 codes + one float32 scale per row.
+
+    ``Int8Linear(base, threshold=6.0)`` quantizes ``base.weight`` (cast to float16 first, as
+    bitsandbytes' ``Int8Params``) row-wise. Attributes: ``weight`` (int8, (out, in), a frozen
+    parameter: bitsandbytes' ``CB``), ``weight_absmax`` (float32 (out,) buffer: ``SCB``),
+    ``bias`` (frozen, base's dtype), ``threshold``.
+
+    ``forward`` follows bitsandbytes' ``Linear8bitLt(has_fp16_weights=False)`` on CPU:
+
+    * eval mode (and training on other devices): LLM.int8(), :func:`int8_linear_forward`;
+    * training mode on CPU: bitsandbytes' ``MatMul8bitFp`` (dequantize, then a floating-point
+      ``F.linear``): faster on CPUs, which have no fast int8 quantize kernels.
+
+    The gradient with respect to the input is ``dL/dy @ dequant(W)`` in both modes.
+    As bitsandbytes, a call with an input of another dtype converts the stored bias to that dtype
+    in place (so a float16 call rounds a float32 bias for good).
+    """
+
+    def __init__(self, base: nn.Linear, threshold: float = 6.0) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear):
+            raise ValueError(f"base must be an nn.Linear, got {type(base).__name__}")
+        self.threshold = _check_threshold(threshold)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        w16 = base.weight.detach().contiguous().to(torch.float16)  # (out, in)
+        check_float_tensor("base.weight", w16)
+        w_q, w_absmax = quantize_int8_vectorwise(w16)  # no threshold for weights
+        self.weight = nn.Parameter(w_q, requires_grad=False)  # (out, in) int8
+        self.register_buffer("weight_absmax", w_absmax)  # (out,) float32
+        self.bias = None if base.bias is None else nn.Parameter(base.bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_float_weight(cls, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                          threshold: float = 6.0) -> Int8Linear:
+        """An Int8Linear quantizing an (out, in) float ``weight`` (used to re-quantize after a merge)."""
+        base = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+        base.weight = nn.Parameter(weight.detach(), requires_grad=False)
+        if bias is not None:
+            base.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        return cls(base, threshold=threshold)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (out, in) weight the codes stand for, ``W_q * (absmax / 127)``."""
+        return dequantize_weight(self.weight, self.weight_absmax, dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the int8 codes and the row scales (bias not counted)."""
+        return self.weight.numel() + 4 * self.weight_absmax.numel()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is not None and self.bias.dtype != x.dtype:
+            # as bitsandbytes' Linear8bitLt: the stored bias is converted in place, once and for all
+            self.bias.data = self.bias.data.to(x.dtype)
+        bias = self.bias
+        if self.training and x.device.type in ("cpu", "xpu"):
+            return F.linear(x, self.dequantized_weight(x.dtype), bias)  # bitsandbytes' MatMul8bitFp
+        x2 = x.reshape(-1, x.shape[-1])  # (tokens, in)
+        out = _Int8MatMul.apply(x2, self.weight, self.weight_absmax, bias, self.threshold)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, "
+                f"threshold={self.threshold}")
+
+
+def int8_layers(model: nn.Module) -> dict[str, Int8Linear]:
+    """Every :class:`Int8Linear` in ``model``, by name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, Int8Linear)}
+
+
+def add_int8(model: nn.Module, target_modules: str | Sequence[str] = "all-linear", threshold: float = 6.0,
+             skip_modules: Sequence[str] | None = None) -> nn.Module:
+    """Replace the matched ``nn.Linear`` layers of ``model`` by :class:`Int8Linear`, in place.
+
+    Names are matched as :func:`~lora_course.add_lora` (PEFT's rules; ``"all-linear"`` leaves
+    out the output head ``lm_head``, as transformers' 8-bit loading does). ``skip_modules``
+    (like ``BitsAndBytesConfig(llm_int8_skip_modules=...)``) keeps layers whose name equals an
+    entry, ends with ``"." + entry`` or lies inside such a module, in full precision.
+    Returns ``model``; its quantized layers are frozen.
+    """
+    from ..lora import _set_submodule, find_lora_targets
+
+    threshold = _check_threshold(threshold)
+    if skip_modules is not None and (isinstance(skip_modules, str)
+                                     or not all(isinstance(s, str) for s in skip_modules)):
+        raise ValueError(f"skip_modules must be a list of module names, got skip_modules={skip_modules!r}")
+    names = find_lora_targets(model, target_modules)
+    skip = list(skip_modules or ())
+
+    def skipped(name: str) -> bool:
+        return any(name == s or name.endswith("." + s) or name.startswith(s + ".") or f".{s}." in name
+                   for s in skip)
+
+    names = [n for n in names if not skipped(n)]
+    wrong = [n for n in names if type(model.get_submodule(n)) is not nn.Linear]
+    if wrong:
+        raise ValueError(f"add_int8 quantizes nn.Linear layers only; these matched layers are not: {wrong}")
+    if not names:
+        raise ValueError(f"no layer left to quantize after skip_modules={skip!r}")
+    for name in names:
+        _set_submodule(model, name, Int8Linear(model.get_submodule(name), threshold=threshold))
+    return model
+
+
+# -- LoRA on top of an 8-bit base (PEFT's lora.Linear8bitLt) ---------------------------------
+
+
+def _lora():
+    from .. import lora  # lazy: lora.py imports transformers helpers
+
+    return lora
+
+
+class Int8LoRALinear(nn.Module):
+    """LoRA on a frozen :class:`Int8Linear`: ``base(x) + (dropout(x) @ A.T @ B.T) * scaling``.
+
+    PEFT's ``lora.Linear8bitLt`` does the same on bitsandbytes' ``Linear8bitLt``: A and B are
+    drawn exactly as for an ``nn.Linear`` base (same random-number stream), stored in float32,
+    and the branch runs in float32. ``merge()`` dequantizes the weight, adds ``scaling * B @ A``
+    and quantizes again (PEFT does the same, so the merged layer is again int8 and a bit lossy).
+    ``init="pissa"`` is not supported (it would need to rewrite the int8 weight).
+    """
+
+    adapter_parameter_names: tuple[str, ...] = ("lora_A", "lora_B")
+
+    def __init__(self, base: Int8Linear, r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
+                 init: str = "kaiming", use_rslora: bool = False) -> None:
+        super().__init__()
+        lora = _lora()
+        lora.check_lora_args(r, alpha, dropout, init)
+        if not isinstance(base, Int8Linear):
+            raise ValueError(f"base must be an Int8Linear, got {type(base).__name__}")
+        if init == "pissa":
+            raise ValueError("init='pissa' is not supported on an 8-bit base; allowed: kaiming, gaussian")
+        self.base = base.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r, self.alpha, self.init, self.use_rslora = r, alpha, init, bool(use_rslora)
+        self.scaling = alpha / r**0.5 if use_rslora else alpha / r
+        self.dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        A, B = lora.draw_factors(r, self.in_features, self.out_features, init)
+        device = base.weight.device
+        self.lora_A = nn.Parameter(A.to(device))  # (r, in) float32
+        self.lora_B = nn.Parameter(B.to(device))  # (out, r) float32
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A`` as an (out, in) tensor."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    @torch.no_grad()
+    def _requantize(self, sign: float) -> None:
+        w = self.base.dequantized_weight(torch.float32) + sign * self.delta_weight()  # (out, in)
+        new = Int8Linear.from_float_weight(w, self.base.bias, threshold=self.base.threshold)
+        self.base = new.to(self.base.weight.device).train(self.base.training)
+
+    def merge(self) -> None:
+        """Fold the update into the int8 weight (dequantize, add, quantize again)."""
+        if not self.merged:
+            self._requantize(+1.0)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        """Take the update out again (another quantization round trip: not exact)."""
+        if self.merged:
+            self._requantize(-1.0)
+            self.merged = False
+
+    def merged_module(self) -> nn.Module:
+        """The re-quantized :class:`Int8Linear` holding the merged weight (for ``merge_lora``)."""
+        self.merge()
+        return self.base
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)  # (..., out) frozen 8-bit path
+        if self.merged:
+            return result
+        h = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)  # (..., r)
+        delta = (F.linear(h, self.lora_B) * self.scaling).to(result.dtype)  # (..., out); PEFT's order
+        return result + delta
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, "
+                f"scaling={self.scaling:.4g}, merged={self.merged}")
+
+
+def add_int8_lora(model: nn.Module, target_modules: str | Sequence[str] = "all-linear", r: int = 8,
+                  alpha: float = 8.0, dropout: float = 0.0, init: str = "kaiming",
+                  use_rslora: bool = False) -> nn.Module:
+    """Wrap the model's :class:`Int8Linear` layers (after :func:`add_int8`) in :class:`Int8LoRALinear`.
+
+    ``target_modules`` as PEFT (a regex over the whole name, ``"all-linear"``, or a list of
+    names / name suffixes); only ``Int8Linear`` layers are wrapped. Everything else is frozen,
+    only the LoRA factors train. Same A for the same seed as PEFT's ``get_peft_model`` on a
+    model whose linear layers are bitsandbytes' ``Linear8bitLt`` (layers in ``named_modules`` order).
+    """
+    lora = _lora()
+    lora.check_lora_args(r, alpha, dropout, init)
+    layers = int8_layers(model)
+    if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
+        names = list(layers)
+    else:
+        lora._check_names_arg(target_modules, "target_modules", allow_str=True)
+        names = [n for n in layers if lora._matches(n, target_modules)]
+    if not names:
+        raise ValueError(f"target_modules={target_modules!r} matched no Int8Linear layer; "
+                         f"the model's Int8Linear layers: {sorted(layers)[:40]} (call add_int8 first)")
+    model.requires_grad_(False)
+    for name in names:
+        wrapper = Int8LoRALinear(layers[name], r=r, alpha=alpha, dropout=dropout, init=init,
+                                 use_rslora=use_rslora)
+        lora._set_submodule(model, name, wrapper)
+    return model
