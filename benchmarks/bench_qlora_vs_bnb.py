@@ -10,7 +10,8 @@ alternate between the two (ours, bnb, bnb, ours, ...) so that a slow spell of a 
 machine hits both alike; the losses must agree at every step.
 
 Memory: the peak of live tensor bytes during one step (``lora_course.memory.track_peak_memory``)
-on top of what is alive before it (the model, AdamW's moments, the batch).
+on top of what is alive before it (the model, AdamW's moments, the batch, and for bitsandbytes
+the constants it keeps outside parameters and buffers, in each weight's ``quant_state``).
 
 Usage: python benchmarks/bench_qlora_vs_bnb.py [--steps 20] [--threads 1] [--batch 32] [--seq 32]
 """
@@ -26,6 +27,20 @@ import torch
 from lora_course.data import label_names, load_text_classification
 from lora_course.experiments.qlora_minilm import build, trainable_and_total
 from lora_course.memory import track_peak_memory
+
+
+def quant_state_tensors(model) -> list[torch.Tensor]:
+    """bitsandbytes keeps each Linear4bit's constants in ``weight.quant_state`` (not a parameter or
+    buffer): its absmax codes, the nested absmax and code books, the offset."""
+    tensors = []
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        for holder in (state, getattr(state, "state2", None)):
+            for name in ("absmax", "code", "offset"):
+                value = getattr(holder, name, None)
+                if isinstance(value, torch.Tensor):
+                    tensors.append(value)
+    return tensors
 
 
 def step(model, opt, batch) -> float:
@@ -50,8 +65,8 @@ def main() -> None:
         model.train()
         runs[kind] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3))
     texts = load_text_classification()["train"].select(range(args.batch))
-    batch = tokenizer(texts["text"], padding="max_length", truncation=True, max_length=args.seq, return_tensors="pt")
-    batch["labels"] = torch.tensor(texts["label"])
+    batch = tokenizer(list(texts["text"]), padding="max_length", truncation=True, max_length=args.seq, return_tensors="pt")
+    batch["labels"] = torch.tensor(list(texts["label"]))
     counts = {kind: trainable_and_total(m) for kind, (m, _) in runs.items()}
     assert counts["ours"] == counts["bnb"], counts
 
@@ -68,7 +83,7 @@ def main() -> None:
     peaks = {}
     for kind, (model, opt) in runs.items():
         torch.manual_seed(0)
-        with track_peak_memory(model, opt, *batch.values()) as mem:
+        with track_peak_memory(model, opt, *batch.values(), *quant_state_tensors(model)) as mem:
             step(model, opt, batch)
         peaks[kind] = mem
 

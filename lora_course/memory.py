@@ -319,6 +319,7 @@ def activation_bytes(
     lora_r: int | None = None,
     adapter_dtype: torch.dtype = torch.float32,
     gradient_checkpointing: bool = False,
+    dequantize_bytes: int = 0,
 ) -> tuple[int, int]:
     """Bytes autograd keeps for backward in one step of a Llama-family model, and the extra
     bytes at the start of backward. Returns ``(activations, backward_workspace)``.
@@ -349,7 +350,11 @@ def activation_bytes(
     one layer is recomputed at a time during backward (counted in the workspace). The
     workspace is what backward adds before it frees anything: the float32 gradients of the
     log-probabilities and of the logits (``8V`` per token), or with checkpointing the larger
-    of that and one recomputed layer.
+    of that and one recomputed layer. ``dequantize_bytes`` (QLoRA): the transient of
+    dequantizing the largest 4-bit weight in backward, which happens after the log-softmax
+    output (``4V`` per token) was freed, next to the MLP's gradients (``d*(2i + h)`` per token)
+    (with checkpointing: next to the recomputed layer). This QLoRA moment is modelled to
+    within a few percent of a small model's peak; the others are exact for this implementation.
     """
     dims = _llama_dims(config)
     h, i, heads, kv, hd, vocab = (dims[k] for k in ("h", "i", "heads", "kv_heads", "head_dim", "vocab"))
@@ -402,6 +407,10 @@ def activation_bytes(
         kept, workspace = dims["layers"] * d * h, max(logits_grads, tokens * max(per_layer))
     else:
         kept, workspace = sum(per_layer), logits_grads
+    if dequantize_bytes and gradient_checkpointing:  # a recomputed layer dequantizes its weights again
+        workspace = max(workspace, tokens * max(per_layer) + dequantize_bytes)
+    elif dequantize_bytes:
+        workspace = max(workspace, dequantize_bytes - tokens * 4 * vocab + tokens * d * (2 * i + h))
     head = norm(input_grad=grad) + (d * h if full else 0) + 4 * vocab + 8  # final norm, lm_head input
     activations = tokens * (kept + head) + seq_len * 2 * hd * d
     return activations, workspace
@@ -511,15 +520,14 @@ def estimate_training_memory(
             codes_and_constants = [_nf4_bytes(o * i, blocksize, double_quant) for o, i in shapes.values()]
             weights = (n_total - quantized) * d + sum(c for c, _ in codes_and_constants) + n_lora * a
             constants = sum(k for _, k in codes_and_constants)
-            # backward dequantizes one weight (stored dtype) and casts it to the gradient's dtype
-            workspace_extra = max((o * i for o, i in shapes.values()), default=0) * 2 * d
+            workspace_extra = _dequantize_workspace(max((o * i for o, i in shapes.values()), default=0), d, blocksize)
             notes.append("qlora: targeted layers in NF4; other weights in dtype")
         layer_prefix = _first_layer_prefix(targets)
         trained_in_layer = {t[len(layer_prefix):].rsplit(".", 1)[-1] for t in targets if t.startswith(layer_prefix)}
     try:
         activations, workspace = activation_bytes(
             config, batch, seq_len, dtype, trained_in_layer, r if method != "full" else None,
-            adapter_dtype, gradient_checkpointing)
+            adapter_dtype, gradient_checkpointing, dequantize_bytes=workspace_extra)
     except ValueError as exc:
         activations, workspace = 0, 0
         notes.append(f"activations not estimated: {exc}")
@@ -530,9 +538,19 @@ def estimate_training_memory(
     total = n_total + (n_lora if method != "full" else 0)
     return MemoryBreakdown(method, weights=weights, quant_constants=constants, gradients=grads,
                            optimizer_states=states, activations=activations,
-                           backward_workspace=max(workspace, workspace_extra),
+                           backward_workspace=workspace,
                            optimizer_workspace=opt_workspace,
                            trainable_params=trainable, total_params=total, notes=notes)
+
+
+def _dequantize_workspace(numel: int, d: int, blocksize: int) -> int:
+    """Transient bytes of dequantizing the largest NF4 weight (:func:`~lora_course.quant.dequantize_nf4`):
+    the (out x in) result in the weight's dtype, one chunk of int32 codes and float32 values
+    (plus a float32 product when the dtype is not float32), and the float32 block absmax values."""
+    from .quant.nf4 import _CHUNK
+
+    chunk = min(numel, _CHUNK)
+    return numel * d + chunk * (6 if d == 4 else 10) + 8 * math.ceil(numel / blocksize)
 
 
 def _first_layer_prefix(names: Sequence[str]) -> str:

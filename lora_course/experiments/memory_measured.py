@@ -44,8 +44,8 @@ COMMAND = "python -m lora_course.experiments.memory_measured"
 METHODS = ("full", "lora", "qlora")
 CPU_SETTINGS = dict(config="smollm-135m", dtype="float32", r=8, target_modules="all-linear", lr=1e-4,
                     sizes=[(1, 128), (2, 256)], timed_steps=1)
-# notebook 06 re-runs this smaller case (4 of the 30 layers) and checks it the same way
-QUICK_SETTINGS = dict(CPU_SETTINGS, layers=4, sizes=[(1, 128)], timed_steps=1)
+# notebook 06 re-runs this smaller case (2 of the 30 layers, an 8,192-token vocabulary) and checks it the same way
+QUICK_SETTINGS = dict(CPU_SETTINGS, layers=2, vocab_size=8192, sizes=[(1, 64)], timed_steps=1)
 CUDA_SETTINGS = dict(config="tinyllama-1.1b", dtype="bfloat16", r=16, target_modules="all-linear", lr=1e-4,
                      sizes=[(1, 512), (1, 2048), (4, 512), (4, 2048)], timed_steps=3)
 
@@ -113,7 +113,8 @@ def run_cpu(settings: dict, progress: bool = True) -> list[dict]:
     """Every (size, method, checkpointing) case of ``settings`` on the CPU."""
     from tqdm.auto import tqdm
 
-    overrides = {"num_hidden_layers": settings["layers"]} if "layers" in settings else {}
+    overrides = {field: settings[key] for key, field in (("layers", "num_hidden_layers"), ("vocab_size", "vocab_size"))
+                 if key in settings}
     config = reference_config(settings["config"], **overrides)
     dtype = getattr(torch, settings["dtype"])
     cases = [(b, s, m, c) for b, s in settings["sizes"] for m in METHODS for c in (False, True)]

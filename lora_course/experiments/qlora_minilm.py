@@ -16,6 +16,7 @@ re-runs (it must agree with this file); ``long`` is the budget a minute does not
 Run (about 5 minutes on an idle 2-core CPU)::
 
     python -m lora_course.experiments.qlora_minilm    # writes data/results/qlora_minilm.json
+    python -m lora_course.experiments.qlora_minilm --quick-only   # re-runs and updates the quick budget
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ import torch
 
 from ..data import DATA_DIR, label_names, load_text_classification
 from ..lora import add_lora, count_parameters
-from ..models import minilm_classifier, minilm_path
+from ..models import load_pretrained, minilm_classifier, minilm_path
 from ..qlora import add_qlora, qlora_layers, quantize_linear_layers
 from ..train import evaluate_accuracy, train_classifier
 
 RESULTS_FILE = DATA_DIR / "results" / "qlora_minilm.json"
 COMMAND = "python -m lora_course.experiments.qlora_minilm"
-BUDGETS = {"quick": 20, "long": 120}
+BUDGETS = {"quick": 10, "long": 120}
 METHODS = ("lora", "qlora_ours", "qlora_bnb")
 SETTINGS = dict(lr=2e-3, r=8, alpha=16.0, targets=("query", "value"), batch_size=32, max_length=32, seed=0,
                 blocksize=64, double_quant=True, compute_dtype="float32")
@@ -46,15 +47,15 @@ def build_bnb(num_labels: int, seed: int = 0):
     """MiniLM loaded in 4 bits by transformers + bitsandbytes, prepared and wrapped by PEFT, with
     the LoRA factors and head of :func:`build` ``("qlora_ours")`` copied in (same start)."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
     ours, tokenizer = build("qlora_ours", num_labels, seed)
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                 bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(minilm_path()), num_labels=num_labels, quantization_config=config, device_map="cpu")
+        model = load_pretrained(minilm_path(), task="sequence-classification", num_labels=num_labels,
+                                quantization_config=config, device_map="cpu")
         model.classifier.load_state_dict(ours.classifier.state_dict())
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         model = get_peft_model(model, LoraConfig(r=SETTINGS["r"], lora_alpha=SETTINGS["alpha"],
@@ -118,12 +119,25 @@ def run_one(method: str, steps: int, splits=None, progress: bool = True, val_row
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
     import bitsandbytes
     import peft
     import transformers
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick-only", action="store_true",
+                        help="re-run only the quick budget and update it in the existing results file")
+    args = parser.parse_args(argv)
     splits = load_text_classification()
+    if args.quick_only:
+        record = json.loads(RESULTS_FILE.read_text(encoding="utf-8"))
+        record["runs"]["quick"] = {m: run_one(m, BUDGETS["quick"], splits) for m in METHODS}
+        record["quick_rerun"] = {"date": datetime.date.today().isoformat(), "command": f"{COMMAND} --quick-only"}
+        RESULTS_FILE.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        print("-> data/results/qlora_minilm.json (quick runs updated)")
+        return
     runs = {budget: {m: run_one(m, steps, splits) for m in METHODS} for budget, steps in BUDGETS.items()}
     record = {
         "task": "stdlib_docstrings, pretrained MiniLM-L6 + new linear head",
