@@ -670,6 +670,380 @@ def check_group_causal_mask(fn: Callable[..., torch.Tensor]) -> None:
     """Check ``fn(seq_len, group_size)`` against ``s2attn_mask(seq_len, group_size, shifted=False)``."""
 
 
+# ---------------------------------------------------------------- chapter 05: QLoRA
+
+
+def _qlora_layers_for_checks() -> Iterator[tuple[Any, str]]:
+    from .qlora import QLoRALinear
+
+    for seed, (out_f, in_f, r, dq, bias) in enumerate([(24, 64, 4, True, True), (40, 128, 8, False, False),
+                                                        (16, 192, 2, True, False)]):
+        torch.manual_seed(seed)
+        layer = QLoRALinear(nn.Linear(in_f, out_f, bias=bias), r=r, alpha=2.0 * r, double_quant=dq)
+        with torch.no_grad():
+            layer.lora_B.normal_()  # B = 0 would hide the branch
+        yield layer, f"({out_f} x {in_f}, r={r}, double_quant={dq}, bias={bias})"
+
+
+def _qlora_forward_cases() -> Iterator[Case]:
+    for seed, (layer, desc) in enumerate(_qlora_layers_for_checks()):
+        (x,) = _seeded_tensors(10 + seed, (3, layer.in_features))
+        with torch.no_grad():
+            expected = layer(x)
+        bias = None if layer.bias is None else layer.bias.detach().clone()
+        yield Case(args=(x, layer.nf4, bias, layer.lora_A.detach().clone(), layer.lora_B.detach().clone(), layer.scaling),
+                   expected=expected, label=f"qlora_forward on a layer {desc}",
+                   hint="remember the bias when there is one" if bias is not None else None)
+
+
+@exercise_check(
+    "qlora_forward",
+    cases=_qlora_forward_cases,
+    idea="dequantize W (nf4.dequantize()), then x @ W.T + bias + (x @ A.T @ B.T) * scaling",
+)
+def check_qlora_forward(fn: Callable[..., torch.Tensor]) -> None:
+    """Check ``fn(x, nf4, bias, lora_A, lora_B, scaling)`` against ``QLoRALinear.forward``."""
+
+
+def _nf4_input_grad_cases() -> Iterator[Case]:
+    for seed, (layer, desc) in enumerate(_qlora_layers_for_checks()):
+        x, grad_out = _seeded_tensors(20 + seed, (2, 5, layer.in_features), (2, 5, layer.out_features))
+        x.requires_grad_(True)
+        layer.base_forward(x).backward(grad_out)  # our autograd Function's backward
+        yield Case(args=(grad_out, layer.nf4), expected=x.grad.clone(), label=f"nf4_input_grad on a layer {desc}")
+
+
+@exercise_check(
+    "nf4_input_grad",
+    cases=_nf4_input_grad_cases,
+    idea="y = x @ W.T gives dL/dx = dL/dy @ W: dequantize W again (nothing was saved) and multiply",
+)
+def check_nf4_input_grad(fn: Callable[..., torch.Tensor]) -> None:
+    """Check ``fn(grad_out, nf4) -> grad_x`` against the backward of ``QLoRALinear``'s NF4 matmul."""
+
+
+def _qlora_layer_bytes_cases() -> Iterator[Case]:
+    from .memory import storage_bytes
+    from .qlora import QLoRALinear
+
+    for out_f, in_f, r, blocksize, dq in [(64, 64, 8, 64, True), (1024, 1024, 16, 64, True),
+                                          (1000, 300, 4, 64, False), (512, 1408, 8, 128, True)]:
+        base = nn.Linear(in_f, out_f, bias=False)
+        layer = QLoRALinear(base, r=r, blocksize=blocksize, double_quant=dq)
+        expected = storage_bytes([*layer.parameters(), *layer.buffers()])
+        yield Case(args=(out_f, in_f, r), kwargs=dict(blocksize=blocksize, double_quant=dq), expected=expected,
+                   label=f"qlora_layer_bytes({out_f}, {in_f}, {r}, blocksize={blocksize}, double_quant={dq})")
+
+
+@exercise_check(
+    "qlora_layer_bytes",
+    cases=_qlora_layer_bytes_cases,
+    idea="(out*in+1)//2 packed bytes, the block constants (4 per block, or 1 per block + 4 per 256 blocks + 4), "
+         "and r*(in+out) float32 LoRA values",
+)
+def check_qlora_layer_bytes(fn: Callable[..., int]) -> None:
+    """Check ``fn(out_features, in_features, r, blocksize=64, double_quant=True) -> bytes`` against a real QLoRALinear."""
+
+
+# ---------------------------------------------------------------- chapter 07: AdaLoRA
+
+
+def _allocator_for_checks(out_f: int, in_f: int, r: int, **schedule: Any) -> tuple[Any, nn.Module, str]:
+    """A one-layer AdaLoRA model and its RankAllocator (our library is the reference)."""
+    from .adalora import RankAllocator, add_adalora
+
+    model = add_adalora(nn.Sequential(nn.Linear(in_f, out_f)), ["0"], init_r=r)
+    alloc = RankAllocator(model, init_r=r, target_r=1, **({"total_step": 10} | schedule))
+    return alloc, model, "0"
+
+
+def _sensitivity_ema_cases() -> Iterator[Case]:
+    for seed, (out_f, in_f, r, b1, b2) in enumerate([(5, 4, 3, 0.85, 0.85), (7, 6, 2, 0.9, 0.5), (3, 8, 4, 0.5, 0.99)]):
+        alloc, model, name = _allocator_for_checks(out_f, in_f, r, beta1=b1, beta2=b2)
+        p = model[0].lora_A
+        w, grad, avg_ipt, avg_unc = _seeded_tensors(seed, p.shape, p.shape, p.shape, p.shape)
+        avg_ipt, avg_unc = avg_ipt.abs(), avg_unc.abs()  # EMAs of absolute values are >= 0
+        with torch.no_grad():
+            p.copy_(w)
+        p.grad = grad.clone()
+        for layer_p in (model[0].lora_E, model[0].lora_B):
+            layer_p.grad = torch.zeros_like(layer_p)
+        alloc.update_ipt(model)  # creates the state; now restart it from the given EMAs
+        key = f"{name}.lora_A"
+        alloc.exp_avg_ipt[key], alloc.exp_avg_unc[key] = avg_ipt.clone(), avg_unc.clone()
+        alloc.update_ipt(model)
+        expected = (alloc.ipt[key], alloc.exp_avg_ipt[key], alloc.exp_avg_unc[key])
+        yield Case(args=(w, grad, avg_ipt, avg_unc, b1, b2), expected=expected,
+                   label=f"sensitivity_ema(w, grad, exp_avg_ipt, exp_avg_unc, beta1={b1}, beta2={b2}) on {tuple(w.shape)}",
+                   hint="the uncertainty uses |I - Ibar| with the Ibar you just updated, not the old one"
+                   if seed == 1 else None)
+
+
+@exercise_check(
+    "sensitivity_ema",
+    cases=_sensitivity_ema_cases,
+    idea="I = |w * grad|; Ibar = beta1 * Ibar + (1 - beta1) * I; U = beta2 * U + (1 - beta2) * |I - Ibar| (new Ibar)",
+)
+def check_sensitivity_ema(fn: Callable[..., tuple]) -> None:
+    """Check ``fn(w, grad, exp_avg_ipt, exp_avg_unc, beta1, beta2) -> (ipt, exp_avg_ipt, exp_avg_unc)``
+    against ``RankAllocator.update_ipt``."""
+
+
+def _triplet_score_cases() -> Iterator[Case]:
+    for seed, (out_f, in_f, r) in enumerate([(5, 4, 3), (7, 9, 2), (3, 8, 6)]):
+        alloc, model, name = _allocator_for_checks(out_f, in_f, r)
+        s_A, s_E, s_B = (t.abs() for t in _seeded_tensors(seed, (r, in_f), (r, 1), (out_f, r)))
+        for factor, s in (("lora_A", s_A), ("lora_E", s_E), ("lora_B", s_B)):
+            alloc.exp_avg_ipt[f"{name}.{factor}"] = s.clone()
+            alloc.exp_avg_unc[f"{name}.{factor}"] = torch.ones_like(s)  # so the entry score is s itself
+        expected = alloc.triplet_scores(model)[name]
+        yield Case(args=(s_A, s_E, s_B), expected=expected,
+                   label=f"triplet_score(s_A {tuple(s_A.shape)}, s_E {tuple(s_E.shape)}, s_B {tuple(s_B.shape)})",
+                   hint="Q = A is (r x in): average each row; P = B is (out x r): average each column"
+                   if out_f != in_f else None)
+
+
+@exercise_check(
+    "triplet_score",
+    cases=_triplet_score_cases,
+    idea="score_i = s_E[i] + mean of row i of s_A + mean of column i of s_B, a vector of length r",
+)
+def check_triplet_score(fn: Callable[..., torch.Tensor]) -> None:
+    """Check ``fn(s_A, s_E, s_B) -> (r,)`` against ``RankAllocator.triplet_scores``."""
+
+
+def _budget_schedule_cases() -> Iterator[Case]:
+    settings = [(12, 4, 3, 10, 20, 100, 5), (8, 2, 5, 0, 0, 50, 1), (6, 3, 2, 4, 6, 30, 3)]
+    for init_r, target_r, layers, tinit, tfinal, total, delta in settings:
+        from .adalora import RankAllocator, add_adalora
+
+        model = add_adalora(nn.Sequential(*[nn.Linear(4, 4) for _ in range(layers)]), init_r=init_r)
+        alloc = RankAllocator(model, init_r=init_r, target_r=target_r, tinit=tinit, tfinal=tfinal, deltaT=delta,
+                              total_step=total)
+        for step in sorted({0, tinit, tinit + 1, (tinit + total - tfinal) // 2, total - tfinal - 1,
+                            total - tfinal, total - tfinal + 1, total}):
+            kw = dict(init_bgt=init_r * layers, target_bgt=target_r * layers, tinit=tinit, tfinal=tfinal,
+                      total_step=total, deltaT=delta)
+            yield Case(args=(step,), kwargs=kw, expected=alloc.budget_schedule(step),
+                       hint="past total_step - tfinal the budget is the target and mask_now is True"
+                       if step > total - tfinal else None)
+
+
+@exercise_check(
+    "budget_schedule",
+    cases=_budget_schedule_cases,
+    idea="warm-up (step <= tinit): (init, False); then int((init - target) * (1 - progress)**3 + target), "
+         "masking when step % deltaT == 0",
+)
+def check_budget_schedule(fn: Callable[..., tuple]) -> None:
+    """Check ``fn(step, init_bgt, target_bgt, tinit, tfinal, total_step, deltaT) -> (budget, mask_now)``
+    against ``RankAllocator.budget_schedule``."""
+
+
+# ---------------------------------------------------------------- chapter 08: DoRA
+
+
+def _dora_layers_for_checks() -> Iterator[tuple[Any, str]]:
+    from .dora import DoRALinear
+
+    for seed, (out_f, in_f, r, bias) in enumerate([(12, 20, 4, True), (24, 16, 2, False), (8, 40, 8, True)]):
+        torch.manual_seed(seed)
+        layer = DoRALinear(nn.Linear(in_f, out_f, bias=bias), r=r, alpha=2.0 * r).eval()
+        g = torch.Generator().manual_seed(100 + seed)
+        with torch.no_grad():  # B = 0 and m = ||W|| would hide every DoRA term
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.3)
+            layer.magnitude.mul_(0.5 + torch.rand(layer.magnitude.shape, generator=g))
+        yield layer, f"({out_f} x {in_f}, r={r}, bias={bias})"
+
+
+def _dora_parts(layer: Any) -> tuple[torch.Tensor, ...]:
+    return tuple(t.detach().clone() for t in (layer.base.weight, layer.lora_A, layer.lora_B, layer.magnitude))
+
+
+def _dora_magnitude_init_cases() -> Iterator[Case]:
+    for layer, desc in _dora_layers_for_checks():
+        W, A, B, _ = _dora_parts(layer)
+        yield Case(args=(W, A, B, layer.scaling), expected=layer.weight_norm(),
+                   label=f"dora_magnitude_init on a layer {desc}",
+                   hint="one norm per output row: torch.linalg.norm(W + scaling * B @ A, dim=1), shape (out,)")
+
+
+@exercise_check(
+    "dora_magnitude_init",
+    cases=_dora_magnitude_init_cases,
+    idea="m starts as the row norms (one per output feature) of the direction W + scaling * B @ A",
+)
+def check_dora_magnitude_init(fn: Callable[..., torch.Tensor]) -> None:
+    """Check ``fn(weight, lora_A, lora_B, scaling) -> magnitude`` against ``DoRALinear``'s norm."""
+
+
+def _dora_forward_cases() -> Iterator[Case]:
+    for seed, (layer, desc) in enumerate(_dora_layers_for_checks()):
+        (x,) = _seeded_tensors(30 + seed, (3, 5, layer.in_features))
+        W, A, B, m = _dora_parts(layer)
+        bias = None if layer.base.bias is None else layer.base.bias.detach().clone()
+        with torch.no_grad():
+            expected = layer(x)
+        yield Case(args=(x, W, bias, A, B, m, layer.scaling), expected=expected,
+                   label=f"dora_forward on a layer {desc}",
+                   hint="the bias is added once, after the rescaled weight" if bias is not None else None)
+
+
+@exercise_check(
+    "dora_forward",
+    cases=_dora_forward_cases,
+    idea="V = W + scaling * B @ A; W' = magnitude[:, None] * V / ||V|| (row norms, detached); "
+         "return x @ W'.T + bias",
+)
+def check_dora_forward(fn: Callable[..., torch.Tensor]) -> None:
+    """Check ``fn(x, weight, bias, lora_A, lora_B, magnitude, scaling)`` against ``DoRALinear.forward``."""
+
+
+def _dora_merge_cases() -> Iterator[Case]:
+    import copy
+
+    for layer, desc in _dora_layers_for_checks():
+        W, A, B, m = _dora_parts(layer)
+        expected = copy.deepcopy(layer).merged_module().weight.detach()
+        yield Case(args=(W, A, B, m, layer.scaling), expected=expected, label=f"dora_merge on a layer {desc}")
+
+
+@exercise_check(
+    "dora_merge",
+    cases=_dora_merge_cases,
+    idea="merged weight = (magnitude / ||W + dW||)[:, None] * (W + dW) with dW = scaling * B @ A, "
+         "norms per output row",
+)
+def check_dora_merge(fn: Callable[..., torch.Tensor]) -> None:
+    """Check ``fn(weight, lora_A, lora_B, magnitude, scaling) -> merged weight`` against ``DoRALinear.merge``."""
+
+
+# ---------------------------------------------------------------- chapter 06: training memory
+
+
+def _full_ft_bytes_cases() -> Iterator[Case]:
+    from .memory import estimate_training_memory
+
+    n = 1_000_000
+    for dtype, master in [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True), (torch.float16, True)]:
+        est = estimate_training_memory(n, "full", dtype=dtype, master_weights=master)
+        d = torch.tensor([], dtype=dtype).element_size()
+        yield Case(args=(d, master), expected=est.total // n, label=f"full_ft_bytes_per_param({d}, master_weights={master})",
+                   hint="a float32 master copy adds 4 bytes when the weights are not float32" if master else None)
+
+
+@exercise_check(
+    "full_ft_bytes_per_param",
+    cases=_full_ft_bytes_cases,
+    idea="weights (d) + gradients (d) + AdamW's two float32 moments (8), plus 4 for a float32 master copy",
+)
+def check_full_ft_bytes_per_param(fn: Callable[..., int]) -> None:
+    """Check ``fn(dtype_bytes, master_weights) -> bytes per parameter`` against ``estimate_training_memory``."""
+
+
+def _peak_cases() -> Iterator[Case]:
+    from .memory import MemoryBreakdown
+
+    g = torch.Generator().manual_seed(6)
+    for k in range(6):
+        parts = [int(v) for v in torch.randint(0, 10_000, (7,), generator=g)]
+        if k % 2:
+            parts[2] = 50_000  # gradients large: the optimizer step is the worst moment
+        b = MemoryBreakdown("lora", *parts)
+        names = ("weights", "quant_constants", "gradients", "optimizer_states", "activations",
+                 "backward_workspace", "optimizer_workspace")
+        yield Case(kwargs=dict(zip(names, parts)), expected=b.peak,
+                   label="peak_bytes(" + ", ".join(f"{n}={v}" for n, v in zip(names, parts)) + ")")
+
+
+@exercise_check(
+    "peak_bytes",
+    cases=_peak_cases,
+    idea="the static parts are always there; on top: max(activations + backward workspace, gradients + optimizer workspace)",
+)
+def check_peak_bytes(fn: Callable[..., int]) -> None:
+    """Check ``fn(**parts) -> peak bytes`` against ``MemoryBreakdown.peak``."""
+
+
+# ---------------------------------------------------------------- chapter 14: int8 and 8-bit optimizers
+
+
+def _int8_vectorwise_cases() -> Iterator[Case]:
+    from .quant.int8 import quantize_int8_vectorwise
+
+    g = torch.Generator().manual_seed(14)
+    shapes = [(1, 8), (4, 16), (7, 33), (16, 64)]
+    for k, shape in enumerate(shapes):
+        x = (torch.randn(shape, generator=g) * (1 + 3 * k)).half()
+        if k == 2:
+            x[0, :4] = torch.tensor([127.0, 2.5, -2.5, 0.5]).half()  # ties: round half to even
+        yield Case(args=(x,), expected=quantize_int8_vectorwise(x),
+                   label=f"int8_vectorwise(x of shape {shape}, float16)",
+                   hint="per row: absmax = max |x|; q = round(x * 127 / absmax) with torch.round "
+                        "(half to even), as int8; absmax as float32" if k == 2 else None)
+
+
+@exercise_check(
+    "int8_vectorwise",
+    cases=_int8_vectorwise_cases,
+    idea="one scale per row: absmax = max |x| over the row (float32), q = torch.round(x * (127 / absmax)) as int8",
+)
+def check_int8_vectorwise(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Check ``fn(x) -> (q int8, row_absmax float32)`` against bitsandbytes' ``int8_vectorwise_quant`` (via ours)."""
+
+
+def _outlier_split_cases() -> Iterator[Case]:
+    from .quant.int8 import Int8Linear
+
+    g = torch.Generator().manual_seed(15)
+    for k, (tokens, d_in, d_out, thr) in enumerate([(4, 16, 8, 6.0), (6, 32, 12, 6.0), (5, 24, 10, 0.0),
+                                                     (3, 40, 16, 3.0)]):
+        x = torch.randn(tokens, d_in, generator=g)
+        x[:, k + 1] *= 12  # an outlier feature (a whole column)
+        w = torch.randn(d_out, d_in, generator=g) * 0.1
+        layer = nn.Linear(d_in, d_out, bias=False)
+        layer.weight.data = w.clone()
+        expected = Int8Linear(layer, threshold=thr).eval()(x).detach()
+        yield Case(args=(x, w, thr), expected=expected,
+                   label=f"int8_matmul_with_outliers(x {tokens}x{d_in}, w {d_out}x{d_in}, threshold={thr})",
+                   hint="threshold 0 means no decomposition: every column goes through int8" if thr == 0 else None)
+
+
+@exercise_check(
+    "outlier_split",
+    cases=_outlier_split_cases,
+    idea="W and X to float16, row-wise int8 (X's outlier columns, any |x| >= threshold, zeroed first); "
+         "int32 product rescaled by absmax_x * absmax_w / 127**2; plus X[:, cols] @ dequant(W)[:, cols].T in float",
+    compare=functools.partial(compare_values, rtol=1e-4, atol=1e-4),
+)
+def check_outlier_split(fn: Callable[..., torch.Tensor]) -> None:
+    """Check ``fn(x, w, threshold) -> y`` (LLM.int8() with the decomposition) against ``Int8Linear`` (= bitsandbytes)."""
+
+
+def _moment_cases() -> Iterator[Case]:
+    from .quant.double_quant import dequantize_blockwise_8bit, quantize_blockwise_8bit
+
+    g = torch.Generator().manual_seed(16)
+    for k, (n, beta1) in enumerate([(256, 0.9), (1000, 0.9), (700, 0.5), (2048, 0.99)]):
+        m0 = torch.randn(n, generator=g) * 10.0 ** (-k)
+        q, absmax = quantize_blockwise_8bit(m0)
+        grad = torch.randn(n, generator=g) * 10.0 ** (-k)
+        m = dequantize_blockwise_8bit(q, absmax)
+        m.mul_(beta1).add_(grad, alpha=1.0 - beta1)  # bitsandbytes' order of operations
+        yield Case(args=(q, absmax, grad, beta1), expected=quantize_blockwise_8bit(m),
+                   label=f"moment_update(codes of {n} values, beta1={beta1})")
+
+
+@exercise_check(
+    "moment_update",
+    cases=_moment_cases,
+    idea="dequantize (dequantize_blockwise_8bit), m = beta1 * m + (1 - beta1) * grad in float32, "
+         "quantize again (quantize_blockwise_8bit): new codes and new block absmax",
+)
+def check_moment_update(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Check ``fn(q, absmax, grad, beta1) -> (q_new, absmax_new)``: one 8-bit first-moment update (AdamW8bit)."""
+
+
 # Star-imported into notebooks: only the runner and the checks, so no short generic names
 # shadow a learner's variables. Everything else is importable by name.
 __all__ = ["run_check"] + [f"check_{name}" for name in CHECKS]
