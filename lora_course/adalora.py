@@ -42,11 +42,9 @@ from .lora import (
     _LOW_PRECISION,
     _conv1d_type,
     _set_submodule,
-    adapter_layers,
     check_base_layer,
-    find_lora_targets,
-    find_modules_to_save,
     mark_trainable,
+    plan_adapter_targets,
 )
 
 RANKNUM_EPS = 1e-5  # PEFT's guard in alpha / (ranknum + 1e-5)
@@ -198,15 +196,7 @@ def add_adalora(
         ValueError: bad argument, no matching layer, or a model that already has adapters.
     """
     check_adalora_args(init_r, alpha, dropout, arg="init_r")
-    if adapter_layers(model):
-        raise ValueError("model already has adapter layers (e.g. "
-                         f"{next(iter(adapter_layers(model)))!r}); call merge_lora(model) first")
-    save_names = find_modules_to_save(model, modules_to_save)
-    names = find_lora_targets(model, target_modules, modules_to_save)
-    clash = [n for n in names
-             if any(n == s or n.startswith(s + ".") or s.startswith(n + ".") for s in save_names)]
-    if clash:
-        raise ValueError(f"modules {clash} are both AdaLoRA targets and modules_to_save; pick one")
+    names, save_names = plan_adapter_targets(model, target_modules, modules_to_save, "AdaLoRA")
     for name in names:  # named_modules order: PEFT's order, so the RNG stream is the same
         _set_submodule(model, name, SVDLinear(model.get_submodule(name), init_r, alpha, dropout))
     mark_trainable(model, save_names)  # freezes all, then unfreezes modules_to_save

@@ -54,11 +54,9 @@ from .lora import (
     LoRALinear,
     _LOW_PRECISION,
     _set_submodule,
-    adapter_layers,
     check_lora_args,
-    find_lora_targets,
-    find_modules_to_save,
     mark_trainable,
+    plan_adapter_targets,
 )
 
 __all__ = ["DoRALinear", "add_dora", "dora_layers"]
@@ -234,17 +232,7 @@ def add_dora(
             already has adapter layers.
     """
     check_lora_args(r, alpha, dropout, "kaiming")
-    if adapter_layers(model):
-        raise ValueError(
-            "model already has adapter layers (e.g. "
-            f"{next(iter(adapter_layers(model)))!r}); call merge_lora(model) first"
-        )
-    save_names = find_modules_to_save(model, modules_to_save)
-    names = find_lora_targets(model, target_modules, modules_to_save)
-    clash = [n for n in names
-             if any(n == s or n.startswith(s + ".") or s.startswith(n + ".") for s in save_names)]
-    if clash:
-        raise ValueError(f"modules {clash} are both DoRA targets and modules_to_save; pick one")
+    names, save_names = plan_adapter_targets(model, target_modules, modules_to_save, "DoRA")
     for name in names:  # named_modules order: PEFT's order, the same random-number stream
         _set_submodule(model, name, DoRALinear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout))
     mark_trainable(model, save_names)

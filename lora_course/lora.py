@@ -428,6 +428,32 @@ def mark_trainable(model: nn.Module, modules_to_save: Iterable[str] = ()) -> Non
         setattr(module, MODULES_TO_SAVE_FLAG, True)
 
 
+def plan_adapter_targets(
+    model: nn.Module,
+    target_modules: str | Sequence[str],
+    modules_to_save: Sequence[str] | None,
+    kind: str = "LoRA",
+) -> tuple[list[str], list[str]]:
+    """The layers an ``add_*`` function wraps and the modules it trains whole, checked.
+
+    Shared by :func:`add_lora`, ``add_qlora``, ``add_dora`` and ``add_adalora``: refuses a model
+    that already has adapter layers, matches targets and ``modules_to_save`` by PEFT's rules,
+    and refuses a module that is both. Returns ``(target names, modules_to_save names)``.
+    """
+    if adapter_layers(model):
+        raise ValueError(
+            "model already has adapter layers (e.g. "
+            f"{next(iter(adapter_layers(model)))!r}); call merge_lora(model) first"
+        )
+    save_names = find_modules_to_save(model, modules_to_save)
+    names = find_lora_targets(model, target_modules, modules_to_save)
+    clash = [n for n in names
+             if any(n == s or n.startswith(s + ".") or s.startswith(n + ".") for s in save_names)]
+    if clash:
+        raise ValueError(f"modules {clash} are both {kind} targets and modules_to_save; pick one")
+    return names, save_names
+
+
 def add_lora(
     model: nn.Module,
     target_modules: str | Sequence[str] = ALL_LINEAR,
@@ -455,17 +481,7 @@ def add_lora(
             a matched layer LoRA cannot wrap, or a model that already has adapter layers.
     """
     check_lora_args(r, alpha, dropout, init)
-    if adapter_layers(model):
-        raise ValueError(
-            "model already has adapter layers (e.g. "
-            f"{next(iter(adapter_layers(model)))!r}); call merge_lora(model) first"
-        )
-    save_names = find_modules_to_save(model, modules_to_save)
-    names = find_lora_targets(model, target_modules, modules_to_save)
-    clash = [n for n in names
-             if any(n == s or n.startswith(s + ".") or s.startswith(n + ".") for s in save_names)]
-    if clash:
-        raise ValueError(f"modules {clash} are both LoRA targets and modules_to_save; pick one")
+    names, save_names = plan_adapter_targets(model, target_modules, modules_to_save, "LoRA")
     wrap_layers(model, {n: {"r": r, "alpha": alpha} for n in names}, dropout=dropout, init=init,
                 use_rslora=use_rslora)
     mark_trainable(model, save_names)

@@ -42,8 +42,7 @@ from .lora import (
     check_base_layer,
     check_lora_args,
     draw_factors,
-    find_lora_targets,
-    find_modules_to_save,
+    plan_adapter_targets,
 )
 from .quant._checks import FLOAT_DTYPES, check_blocksize
 from .quant.nf4 import BLOCKSIZES_4BIT, NF4Weight, dequantize_nf4, quantize_nf4
@@ -288,13 +287,7 @@ def add_qlora(
             matched layer that is not Linear/Conv1D, or a model that already has adapters.
     """
     check_qlora_args(r, alpha, dropout, blocksize, double_quant, compute_dtype)
-    if adapter_layers(model):
-        raise ValueError(
-            "model already has adapter layers (e.g. "
-            f"{next(iter(adapter_layers(model)))!r}); call merge_lora(model) first"
-        )
-    save_names = find_modules_to_save(model, modules_to_save)
-    names = find_lora_targets(model, target_modules, modules_to_save)
+    names, save_names = plan_adapter_targets(model, target_modules, modules_to_save, "QLoRA")
     for name in names:  # named_modules order: PEFT's order of random draws
         layer = QLoRALinear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout,
                             blocksize=blocksize, double_quant=double_quant,
