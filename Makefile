@@ -41,6 +41,7 @@ test: setup
 notebooks: setup
 	LORA_COURSE_DEVICE=$${LORA_COURSE_DEVICE:-cpu} $(PY) -m lora_course.notebook_tools execute notebooks/[0-9]*.ipynb
 	$(MAKE) exercises
+	$(MAKE) readme-table
 
 ## Regenerate notebooks/exercises/ (solutions stripped) from notebooks/.
 exercises: setup

@@ -1,0 +1,178 @@
+"""The misconception register and the quiz mode of notebook 12.
+
+:data:`REGISTER` lists wrong claims that common study notes make about LoRA and its
+family, each with the correct statement, the paper (arXiv id) and the notebook cell that
+measures or asserts the correction (``notebook`` is the notebook's slug, ``cell_id`` the
+nbformat id of a code cell that asserts). ``tests/test_misconceptions.py`` checks that
+every cell exists and asserts.
+
+:func:`quiz` draws questions from the interview bank of notebook 12 (parsed from the
+notebook file: a bold ``**Q...**`` line followed by a ``<details>`` answer block).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+BANK_NOTEBOOK = "12_interview_question_bank"
+
+
+@dataclass(frozen=True)
+class Misconception:
+    """One wrong claim and where the course measures the correction.
+
+    Attributes:
+        key: short unique identifier.
+        claim: what common study notes claim (paraphrased in English).
+        correction: the correct statement.
+        arxiv: the paper that settles it (``NNNN.NNNNN``).
+        notebook: slug of the notebook that measures it, e.g. ``"01_lora_from_scratch"``.
+        cell_id: nbformat id of the asserting code cell, e.g. ``"cell-42"``.
+    """
+
+    key: str
+    claim: str
+    correction: str
+    arxiv: str
+    notebook: str
+    cell_id: str
+
+
+REGISTER: tuple[Misconception, ...] = (
+    Misconception(
+        "lora-is-svd",
+        "LoRA decomposes the pretrained weight by SVD and trains its top singular directions.",
+        "Nothing is decomposed: A is random, B = 0, so A's row space is a random subspace "
+        "(alignment with W0's top singular vectors at the random level). PiSSA (2404.02948) is the SVD-based init.",
+        "2106.09685", "01_lora_from_scratch", "cell-42",
+    ),
+    Misconception(
+        "rank-accuracy-table",
+        "A fixed table maps LoRA rank to accuracy (e.g. r=8 gives a stated percentage).",
+        "Accuracy at a rank depends on model, task, data, steps and seed; no universal table exists. "
+        "The course only quotes measured accuracies, read from results files (notebook 01 section 7 here; "
+        "notebook 08 section 5 adds the seed spread); notebook 10 will measure rank against accuracy.",
+        "2106.09685", "01_lora_from_scratch", "cell-38",
+    ),
+    Misconception(
+        "adalora-importance-magnitude",
+        "AdaLoRA keeps the triplets with the largest singular values (importance = magnitude).",
+        "The score is a smoothed sensitivity |w * grad| times its uncertainty, for the singular value plus the "
+        "mean over its column of P and row of Q; it ranks triplets differently from the magnitude (low Spearman).",
+        "2303.10512", "07_adalora", "cell-26",
+    ),
+    Misconception(
+        "adalora-exact-orthogonality",
+        "AdaLoRA keeps P and Q exactly orthogonal (projection or Gram-Schmidt after each step).",
+        "Only a soft penalty ||P^T P - I|| + ||Q Q^T - I|| is added to the loss; P and Q are never exactly orthogonal.",
+        "2303.10512", "07_adalora", "cell-28",
+    ),
+    Misconception(
+        "lora-ga-gradient-accumulation",
+        "LoRA-GA means LoRA with gradient accumulation.",
+        "GA is Gradient Approximation: A and B are initialised from the SVD of the first-step gradient so that "
+        "LoRA's first update equals the best rank-2r approximation of full fine-tuning's gradient.",
+        "2407.05000", BANK_NOTEBOOK, "cell-14",
+    ),
+    Misconception(
+        "qlora-dequantize-once",
+        "QLoRA dequantizes the whole model to 16 bits once and then trains normally.",
+        "Weights stay in NF4; each layer dequantizes its block on the fly in every forward and backward "
+        "and frees it (counted dequantize calls per step).",
+        "2305.14314", "04_double_quantization", "cell-25",
+    ),
+    Misconception(
+        "memory-saving-one-factor",
+        "LoRA cuts training memory by one fixed factor (e.g. 3x).",
+        "The saving depends on the split: weights stay, gradients and optimizer states shrink, activations "
+        "stay; full / LoRA peak ranges from below 1x to over 5x across model size, batch and sequence length.",
+        "2106.09685", "06_memory_full_vs_lora_vs_qlora", "cell-25",
+    ),
+    Misconception(
+        "higher-rank-better",
+        "A higher rank is always better.",
+        "With alpha fixed the scale alpha/r shrinks as r grows, so the learned update after the same steps "
+        "gets smaller (rsLoRA 2312.03732 fixes the scale); the rank a matrix needs varies widely (notebook 07 section 1).",
+        "2312.03732", "01_lora_from_scratch", "cell-19",
+    ),
+    Misconception(
+        "unmerged-no-cost",
+        "LoRA adds no inference cost, even unmerged.",
+        "Only merged: unmerged, every adapted layer does two extra skinny matmuls; merged it is a plain Linear.",
+        "2106.09685", "01_lora_from_scratch", "cell-30",
+    ),
+    Misconception(
+        "8bit-optimizer-trains-in-8bit",
+        "An 8-bit optimizer trains the model in 8 bits.",
+        "Only the Adam moments are stored as 8-bit codes; parameters and gradients keep their dtype.",
+        "2110.02861", "14_int8_and_8bit_optimizers", "cell-34",
+    ),
+    Misconception(
+        "longlora-shift-between-layers",
+        "LongLoRA shifts the group boundaries from one layer to the next.",
+        "Inside every layer, half of the heads attend in groups and the other half in groups shifted by G/2; "
+        "training only, inference keeps full attention.",
+        "2309.12307", "09_longlora_shift_short_attention", "cell-10",
+    ),
+)
+
+
+def register_markdown() -> str:
+    """The register as a markdown table (claim, correction, paper, where measured)."""
+    lines = ["| Claim | Correction | arXiv | Measured in |", "|---|---|---|---|"]
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")  # a literal pipe would end the table cell
+
+    for m in REGISTER:
+        lines.append(f"| {cell(m.claim)} | {cell(m.correction)} | {m.arxiv} | `{m.notebook}` {m.cell_id} |")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Question:
+    """One question of the interview bank: its group (section heading), text and answer."""
+
+    group: str
+    question: str
+    answer: str
+
+
+_Q_RE = re.compile(r"\*\*(Q\d+\..*?)\*\*\s*\n<details><summary>Answer</summary>\s*(.*?)</details>", re.S)
+
+
+def load_bank(path: str | Path | None = None) -> list[Question]:
+    """The questions of notebook 12, in order, parsed from the notebook file."""
+    path = Path(path) if path is not None else NOTEBOOK_DIR / f"{BANK_NOTEBOOK}.ipynb"
+    cells = json.loads(Path(path).read_text(encoding="utf-8"))["cells"]
+    bank, group = [], ""
+    for cell in cells:
+        if cell["cell_type"] != "markdown":
+            continue
+        text = "".join(cell["source"])
+        for line in text.splitlines():
+            if line.startswith("### "):
+                group = line[4:].strip()
+                break
+        bank += [Question(group, q.strip(), a.strip()) for q, a in _Q_RE.findall(text)]
+    return bank
+
+
+def quiz(n: int = 5, seed: int | None = None, path: str | Path | None = None) -> list[Question]:
+    """Print ``n`` random questions of the bank (answers hidden) and return them.
+
+    Raises:
+        ValueError: if ``n`` is not between 1 and the size of the bank.
+    """
+    bank = load_bank(path)
+    if not 1 <= n <= len(bank):
+        raise ValueError(f"n={n} is out of range; allowed values: 1 to {len(bank)}")
+    picked = random.Random(seed).sample(bank, n)
+    for i, q in enumerate(picked, 1):
+        print(f"{i}. [{q.group}] {q.question}")
+    return picked
