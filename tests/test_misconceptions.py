@@ -69,3 +69,22 @@ def test_readme_notebook_table_is_current():
         paths, notebook_tools.load_times(ROOT / times_file), ROOT, times_file
     )
     assert current == expected, "README's notebook table is stale: run `make readme-table`"
+
+
+def test_bank_section_references_point_at_existing_sections():
+    """Every "notebook NN section K" an answer of the bank cites exists (a "## K." heading)."""
+    import json
+    import re
+    from pathlib import Path
+
+    from lora_course.misconceptions import load_bank
+
+    notebooks = Path(__file__).resolve().parent.parent / "notebooks"
+    cited = {(nn, int(k)) for q in load_bank() for nn, k in re.findall(r"notebook (\d\d),? sections? (\d+)", q.answer)}
+    assert cited, "the bank cites no notebook section"
+    for nn, k in sorted(cited):
+        paths = sorted(notebooks.glob(f"{nn}_*.ipynb"))
+        assert paths, f"the bank cites notebook {nn} section {k}, but notebook {nn} does not exist"
+        cells = json.loads(paths[0].read_text(encoding="utf-8"))["cells"]
+        headings = ["".join(c["source"]) for c in cells if c["cell_type"] == "markdown"]
+        assert any(re.search(rf"^## {k}\.", h, re.M) for h in headings), f"{paths[0].name} has no section {k}"
