@@ -31,13 +31,13 @@ is our own; where PEFT does something surprising it is noted next to the line:
 from __future__ import annotations
 
 import numbers
-import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from .lora import (
+    MergesIntoBase,
     ALL_LINEAR,
     _LOW_PRECISION,
     _conv1d_type,
@@ -69,7 +69,7 @@ def check_adalora_args(r: int, alpha: float, dropout: float, arg: str = "r") -> 
         raise ValueError(f"dropout must be a probability in [0, 1), got dropout={dropout!r}")
 
 
-class SVDLinear(nn.Module):
+class SVDLinear(MergesIntoBase, nn.Module):
     """A frozen ``nn.Linear`` (or GPT-2 ``Conv1D``) plus an SVD-shaped update ``P diag(lambda) Q``.
 
     ``forward(x) = base(x) + (dropout(x) @ (Q * lambda).T @ P.T) * alpha / (ranknum + 1e-5)``
@@ -83,6 +83,8 @@ class SVDLinear(nn.Module):
     consumed in PEFT's order (three ``randn`` placeholders for Q, lambda, P, one for
     ``ranknum``, then the normal draws for Q and P), so one seed gives PEFT's factors.
     """
+
+    cast_delta_on_unmerge = False  # PEFT's AdaLoRA subtracts the update without casting it
 
     def __init__(self, base: nn.Module, r: int = 12, alpha: float = 8.0, dropout: float = 0.0) -> None:
         super().__init__()
@@ -131,32 +133,6 @@ class SVDLinear(nn.Module):
     def rank(self) -> int:
         """Number of triplets still alive (lambda_i != 0)."""
         return int((self.lora_E != 0).sum())
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into the base weight; warns if already merged."""
-        if self.merged:
-            warnings.warn("SVDLinear.merge(): already merged; nothing done", UserWarning, stacklevel=2)
-            return
-        delta = self.delta_weight()
-        self.base.weight.data += delta.T if self.fan_in_fan_out else delta
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Take the update back out of the base weight; warns if not merged."""
-        if not self.merged:
-            warnings.warn("SVDLinear.unmerge(): not merged; nothing done", UserWarning, stacklevel=2)
-            return
-        delta = self.delta_weight()
-        self.base.weight.data -= delta.T if self.fan_in_fan_out else delta
-        self.merged = False
-
-    def merged_module(self) -> nn.Module:
-        """The base layer with the update merged in (what ``merge_lora`` puts in our place)."""
-        if not self.merged:
-            self.merge()
-        return self.base
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)  # (batch, seq, out), frozen path

@@ -111,7 +111,45 @@ def draw_factors(r: int, in_features: int, out_features: int, init: str = "kaimi
     return A, B
 
 
-class LoRALinear(nn.Module):
+class MergesIntoBase:
+    """``merge`` / ``unmerge`` / ``merged_module`` for wrappers that add ``delta_weight()`` to
+    ``self.base.weight`` (LoRA, AdaLoRA's SVD form). Needs ``base``, ``merged``,
+    ``fan_in_fan_out`` (Conv1D's (in, out) layout) and ``delta_weight()``.
+    ``cast_delta_on_unmerge``: PEFT's LoRA casts the update to W's dtype before subtracting it,
+    PEFT's AdaLoRA does not; each wrapper follows its reference."""
+
+    cast_delta_on_unmerge: bool = True
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight (W <- W + delta); warns if already merged."""
+        if self.merged:
+            warnings.warn(f"{type(self).__name__}.merge(): already merged; nothing done", UserWarning, stacklevel=2)
+            return
+        delta = self.delta_weight()
+        self.base.weight.data += delta.T if self.fan_in_fan_out else delta  # in W's dtype, as PEFT
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Take the update back out of the base weight; warns if not merged."""
+        if not self.merged:
+            warnings.warn(f"{type(self).__name__}.unmerge(): not merged; nothing done", UserWarning, stacklevel=2)
+            return
+        delta = self.delta_weight()
+        if self.cast_delta_on_unmerge:
+            delta = delta.to(self.base.weight.dtype)
+        self.base.weight.data -= delta.T if self.fan_in_fan_out else delta
+        self.merged = False
+
+    def merged_module(self) -> nn.Module:
+        """The base layer with the update merged in (what :func:`merge_lora` puts in our place)."""
+        if not self.merged:
+            self.merge()
+        return self.base
+
+
+class LoRALinear(MergesIntoBase, nn.Module):
     """A frozen ``nn.Linear`` (or GPT-2 ``Conv1D``) plus a trainable low-rank update.
 
     ``forward(x) = base(x) + (dropout(x) @ A.T @ B.T) * scaling`` with
@@ -215,34 +253,6 @@ class LoRALinear(nn.Module):
             # PEFT multiplies low-precision factors in float32 on CPU, then casts back
             return ((B.float() @ A.float()) * self.scaling).to(A.dtype)
         return (B @ A) * self.scaling  # (out, r) @ (r, in) -> (out, in)
-
-    # -- merging ---------------------------------------------------------------------
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into the base weight (W <- W + scaling B A); warns if already merged."""
-        if self.merged:
-            warnings.warn("LoRALinear.merge(): already merged; nothing done", UserWarning, stacklevel=2)
-            return
-        delta = self.delta_weight()
-        self.base.weight.data += delta.T if self.fan_in_fan_out else delta  # in W's dtype, as PEFT
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Take the update back out of the base weight; warns if not merged."""
-        if not self.merged:
-            warnings.warn("LoRALinear.unmerge(): not merged; nothing done", UserWarning, stacklevel=2)
-            return
-        delta = self.delta_weight().to(self.base.weight.dtype)  # PEFT casts before subtracting
-        self.base.weight.data -= delta.T if self.fan_in_fan_out else delta
-        self.merged = False
-
-    def merged_module(self) -> nn.Module:
-        """The base layer with the update merged in (what :func:`merge_lora` puts in our place)."""
-        if not self.merged:
-            self.merge()
-        return self.base
 
     # -- forward ---------------------------------------------------------------------
 
