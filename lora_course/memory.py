@@ -30,6 +30,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .quant._checks import FLOAT_DTYPES, check_blocksize
+
 __all__ = [
     "METHODS",
     "OPTIMIZERS",
@@ -48,7 +50,6 @@ OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
 # bitsandbytes' blockwise 8-bit optimizers: one uint8 per state value plus one float32
 # absmax per block of 256 values (bitsandbytes.optim.optimizer.Optimizer8bit, block_wise=True).
 ADAM8BIT_BLOCKSIZE = 256
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MiB = 2**20
 GiB = 2**30
 
@@ -474,8 +475,7 @@ def estimate_training_memory(
     _check_count(seq_len, "seq_len", 1)
     for value, arg in ((dtype, "dtype"), (adapter_dtype, "adapter_dtype"), (optimizer_state_dtype, "optimizer_state_dtype")):
         _check_dtype(value, arg)
-    if blocksize not in BLOCKSIZES_4BIT:
-        raise ValueError(f"blocksize={blocksize!r} is not allowed; allowed values: {', '.join(map(str, BLOCKSIZES_4BIT))}")
+    check_blocksize(blocksize, BLOCKSIZES_4BIT)
     d, a = _bytes_of(dtype), _bytes_of(adapter_dtype)
     notes: list[str] = []
 

@@ -53,6 +53,11 @@ __all__ = ["NF4Linear", "Packed4bitParameter", "QLoRALinear", "add_qlora", "qlor
 def check_qlora_args(r, alpha, dropout, blocksize, double_quant, compute_dtype) -> None:
     """LoRA's argument checks plus the quantization ones; a ``ValueError`` naming the argument."""
     check_lora_args(r, alpha, dropout, "kaiming")
+    check_nf4_args(blocksize, double_quant, compute_dtype)
+
+
+def check_nf4_args(blocksize, double_quant, compute_dtype) -> None:
+    """The quantization arguments of :class:`NF4Linear`; a ``ValueError`` naming the argument."""
     check_blocksize(blocksize, BLOCKSIZES_4BIT)
     if not isinstance(double_quant, bool):
         raise ValueError(f"double_quant must be True or False, got double_quant={double_quant!r}")
@@ -133,7 +138,7 @@ class NF4Linear(nn.Module):
         compute_dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        check_qlora_args(1, 1.0, 0.0, blocksize, double_quant, compute_dtype)
+        check_nf4_args(blocksize, double_quant, compute_dtype)
         check_base_layer(base)
         weight = base.weight.detach()
         if isinstance(base, _conv1d_type()):
@@ -321,7 +326,7 @@ def quantize_linear_layers(
     """
     from .lora import _output_head_name, is_lora_target_type
 
-    check_qlora_args(1, 1.0, 0.0, blocksize, double_quant, compute_dtype)
+    check_nf4_args(blocksize, double_quant, compute_dtype)
     if isinstance(skip_modules, str):
         skip_modules = [skip_modules]
     names = [n for n, _ in model.named_modules()]

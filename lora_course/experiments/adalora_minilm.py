@@ -26,15 +26,13 @@ Run (about 7 minutes on a 2-core CPU)::
 
 from __future__ import annotations
 
-import datetime
-import json
 import math
-import platform
 import statistics
 import time
 
 import torch
 
+from . import provenance, write_results
 from ..adalora import RankAllocator, add_adalora, magnitude_scores, orth_regularization, svd_layers
 from ..data import DATA_DIR, label_names, load_text_classification
 from ..lora import add_lora, count_parameters
@@ -225,8 +223,6 @@ def summary(runs: dict, key: str = "test_accuracy") -> dict:
 
 
 def main() -> None:
-    import peft
-    import transformers
 
     t0 = time.perf_counter()
     splits = load_text_classification()
@@ -258,16 +254,10 @@ def main() -> None:
         "magnitude": {"probe_seed0": adalora["0"]["score_probe"], "run_seed0": magnitude_run},
         "no_orth_seed0": no_orth,
         "quick": quick,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "peft": peft.__version__},
-        "threads": torch.get_num_threads(),
-        "device": "cpu",
+        **provenance(COMMAND, "transformers", "peft"),
         "seconds": round(time.perf_counter() - t0, 1),
-        "date": datetime.date.today().isoformat(),
-        "command": COMMAND,
     }
-    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_FILE.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_results(RESULTS_FILE, record)
     s = record["summary"]
     print(f"AdaLoRA test {s['adalora']['mean']:.4f} +- {s['adalora']['std']:.4f} | LoRA test "
           f"{s['lora']['mean']:.4f} +- {s['lora']['std']:.4f} | magnitude-masked {magnitude_run['test_accuracy']:.4f} "

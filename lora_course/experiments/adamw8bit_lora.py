@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import datetime
 import functools
-import json
 import logging
 import platform
 
@@ -31,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import write_results
 from ..data import DATA_DIR, make_low_rank_task
 from ..lora import add_lora
 from ..optim8bit import AdamW8bit
@@ -96,8 +96,7 @@ def main() -> dict:
         "runs": runs,
         "summary": {opt: {"final_test_mse": [runs[opt][str(s)]["test_mse"] for s in SEEDS]} for opt in OPTIMIZERS},
     }
-    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_FILE.write_text(json.dumps(result, indent=1) + "\n")
+    write_results(RESULTS_FILE, result)
     return result
 
 

@@ -14,9 +14,6 @@ Run (about 30 s on a 2-core CPU)::
 
 from __future__ import annotations
 
-import datetime
-import json
-import platform
 import time
 from dataclasses import dataclass
 
@@ -24,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import provenance, write_results
 from ..data import DATA_DIR, SPLITS, _check_int, label_names, load_text_classification
 from ..models import minilm
 
@@ -141,8 +139,6 @@ def probe_experiment(model: nn.Module, tokenizer, data, sizes: dict[str, int] | 
 
 def run(max_length: int = 32, batch_size: int = 64, seed: int = 0) -> dict:
     """The full-split baseline and the quick subset, as one results record."""
-    import transformers
-
     start = time.perf_counter()
     model, tokenizer = minilm()
     data = load_text_classification()
@@ -157,18 +153,13 @@ def run(max_length: int = 32, batch_size: int = 64, seed: int = 0) -> dict:
                   "weight_decays_tried": list(WEIGHT_DECAYS), "selected_on": "val", "seed": seed},
         "quick_subset": {"rows": "the first rows of each split, sizes in n; same protocol", **quick},
         "seconds": round(time.perf_counter() - start, 1),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
-        "device": str(next(model.parameters()).device),
-        "date": datetime.date.today().isoformat(),
-        "command": COMMAND,
+        **provenance(COMMAND, "transformers", device=str(next(model.parameters()).device)),
     }
 
 
 def main() -> None:
     result = run()
-    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_FILE.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_results(RESULTS_FILE, result)
     quick = result["quick_subset"]
     print(f"val {result['val_accuracy']:.4f}  test {result['test_accuracy']:.4f}  "
           f"majority {result['majority_test_accuracy']:.4f}  quick-subset test {quick['test_accuracy']:.4f}  "

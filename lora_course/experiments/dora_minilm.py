@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import platform
 import statistics
 import sys
 import time
@@ -45,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import provenance, write_results
 from ..data import DATA_DIR, label_names, load_text_classification
 from ..dora import DoRALinear, add_dora
 from ..lora import LoRALinear, add_lora, count_parameters
@@ -163,9 +163,6 @@ def quick_entry(splits: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     """Run everything and write the results file; ``--quick-only`` recomputes only its ``quick`` entry."""
-    import peft
-    import transformers
-
     args = sys.argv[1:] if argv is None else argv
     if args not in ([], ["--quick-only"]):
         raise ValueError(f"arguments {args!r} are not understood; allowed: none, or --quick-only")
@@ -177,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         record["quick"] = quick_entry(splits)
         record["quick_command"] = COMMAND + " --quick-only"
         record["quick_date"] = datetime.date.today().isoformat()
-        RESULTS_FILE.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_results(RESULTS_FILE, record)
         print(f"quick entry rewritten ({time.perf_counter() - start:.1f} s) -> data/results/dora_minilm.json")
         return
     runs: dict[str, list[dict]] = {"lora": [], "dora": []}
@@ -198,16 +195,10 @@ def main(argv: list[str] | None = None) -> None:
         "step_time_ratio_dora_over_lora": round(sec["dora"] / sec["lora"], 3),
         "correlation_delta_d_delta_m": {m: [correlation(r) for r in runs[m]] for m in runs},
         "quick": quick,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "peft": peft.__version__},
-        "threads": torch.get_num_threads(),
-        "device": "cpu",
-        "date": datetime.date.today().isoformat(),
-        "command": COMMAND,
+        **provenance(COMMAND, "transformers", "peft"),
         "total_seconds": round(time.perf_counter() - start, 1),
     }
-    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_FILE.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_results(RESULTS_FILE, record)
     for m in ("lora", "dora"):
         accs = ", ".join(f"{r['val_accuracy']:.4f}/{r['test_accuracy']:.4f}" for r in runs[m])
         a = record["accuracy"][m]

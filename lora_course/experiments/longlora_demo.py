@@ -20,15 +20,12 @@ Run (a few minutes on a 2-core CPU)::
 
 from __future__ import annotations
 
-import datetime
-import json
-import platform
 import time
 
 import torch
 import torch.nn.functional as F
-import transformers
 
+from . import provenance, write_results
 from ..data import DATA_DIR
 from ..longlora import patch_s2attn
 from ..models import tiny_llama
@@ -100,16 +97,13 @@ def run(seeds=SEEDS, steps: int = STEPS) -> dict:
         "model": "tiny_llama (hidden 64, 4 heads, 2 kv heads, 2 layers), all weights trained, AdamW",
         "steps": steps, "batch": BATCH, "lr": LR, "eval_sequences": EVAL_N,
         "runs": runs, "mean_accuracy": mean, "quick_subset": quick,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__},
-        "threads": torch.get_num_threads(), "seconds": round(time.perf_counter() - start, 1),
-        "date": datetime.date.today().isoformat(), "command": COMMAND,
+        **provenance(COMMAND, "transformers"), "seconds": round(time.perf_counter() - start, 1),
     }
 
 
 def main() -> None:
     result = run()
-    RESULTS_FILE.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    write_results(RESULTS_FILE, result)
     for r in result["runs"]:
         print(f"{r['mode']:>5} seed {r['seed']}: loss {r['final_loss']:.3f}, "
               f"full-attention accuracy {r['accuracy_full_attention']:.3f}")

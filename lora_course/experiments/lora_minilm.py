@@ -12,13 +12,10 @@ Run (about 5 minutes on a 2-core CPU)::
 
 from __future__ import annotations
 
-import datetime
-import json
-import platform
-import time
 
 import torch
 
+from . import provenance, write_results
 from ..data import DATA_DIR, label_names, load_text_classification
 from ..lora import add_lora, count_parameters
 from ..models import minilm_classifier
@@ -70,7 +67,6 @@ def run_one(method: str, steps: int, splits=None, progress: bool = True) -> dict
 
 
 def main() -> None:
-    import transformers
 
     splits = load_text_classification()
     runs = {budget: {m: run_one(m, steps, splits) for m in METHODS} for budget, steps in BUDGETS.items()}
@@ -78,14 +74,9 @@ def main() -> None:
         "task": "stdlib_docstrings, pretrained MiniLM-L6 + new linear head",
         "settings": {**SETTINGS, "targets": list(SETTINGS["targets"]), "quick_val_size": QUICK_VAL_SIZE},
         "runs": runs,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__},
-        "threads": torch.get_num_threads(),
-        "device": "cpu",
-        "date": datetime.date.today().isoformat(),
-        "command": COMMAND,
+        **provenance(COMMAND, "transformers"),
     }
-    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_FILE.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_results(RESULTS_FILE, record)
     for budget, by_method in runs.items():
         for method, r in by_method.items():
             print(f"{budget:>5} {method:<9} {r['steps']:>4} steps: val {r['val_accuracy']:.4f} test {r['test_accuracy']:.4f} ({r['train_seconds']} s)")

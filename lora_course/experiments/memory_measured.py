@@ -20,9 +20,7 @@ Run::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -33,6 +31,7 @@ from typing import Any
 import torch
 
 from ..data import DATA_DIR
+from . import provenance, write_results
 from ..lora import add_lora
 from ..memory import estimate_training_memory, track_peak_memory
 from ..models import reference_config
@@ -143,8 +142,6 @@ def _bnb_qlora_model(config: Any, r: int, dtype: torch.dtype, checkpointing: boo
 
 def run_cuda(settings: dict) -> dict:
     """The GPU measurement: full / LoRA (ours) / QLoRA (bitsandbytes CUDA) at every size."""
-    import transformers
-
     config = reference_config(settings["config"])
     dtype = getattr(torch, settings["dtype"])
     rows = []
@@ -164,17 +161,9 @@ def run_cuda(settings: dict) -> dict:
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "estimate"}))
                 model = None
-    import bitsandbytes
-    import peft
-
     return {"gpu": torch.cuda.get_device_name(), "settings": settings, "rows": rows,
-            "versions": _versions(transformers=transformers.__version__, peft=peft.__version__,
-                                  bitsandbytes=bitsandbytes.__version__, cuda=torch.version.cuda),
-            "date": datetime.date.today().isoformat(), "command": f"{COMMAND} --device cuda"}
-
-
-def _versions(**more: str) -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, **more}
+            **provenance(f"{COMMAND} --device cuda", "transformers", "peft", "bitsandbytes", device="cuda"),
+            "cuda": torch.version.cuda}
 
 
 def committed_gpu_records(directory: Path = MEASUREMENTS_DIR) -> list[dict]:
@@ -192,18 +181,14 @@ def main() -> None:
         record = run_cuda(CUDA_SETTINGS)
         MEASUREMENTS_DIR.mkdir(parents=True, exist_ok=True)
         out = MEASUREMENTS_DIR / "memory_cuda.json"
-        out.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_results(out, record)
         print(f"-> {out.relative_to(DATA_DIR.parent)}")
         return
-    import transformers
-
     rows = run_cpu(CPU_SETTINGS)
     record = {"settings": CPU_SETTINGS, "rows": rows, "quick_settings": QUICK_SETTINGS,
               "quick_rows": run_cpu(QUICK_SETTINGS),
-              "versions": _versions(transformers=transformers.__version__), "threads": torch.get_num_threads(),
-              "device": "cpu", "date": datetime.date.today().isoformat(), "command": COMMAND}
-    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_FILE.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+              **provenance(COMMAND, "transformers")}
+    write_results(RESULTS_FILE, record)
     for row in rows:
         print(f"{row['method']:<5} b{row['batch']} s{row['seq_len']:<4} ckpt={row['gradient_checkpointing']!s:<5} "
               f"measured {row['measured_peak'] / 2**20:8.1f} MiB, estimate {row['estimate']['peak'] / 2**20:8.1f} MiB "

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import datetime
 import json
-import platform
 import warnings
 
 import torch
 
+from . import provenance, write_results
 from ..data import DATA_DIR, label_names, load_text_classification
 from ..lora import add_lora, count_parameters
 from ..models import load_pretrained, minilm_classifier, minilm_path
@@ -122,10 +122,6 @@ def run_one(method: str, steps: int, splits=None, progress: bool = True, val_row
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    import bitsandbytes
-    import peft
-    import transformers
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick-only", action="store_true",
                         help="re-run only the quick budget and update it in the existing results file")
@@ -135,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
         record = json.loads(RESULTS_FILE.read_text(encoding="utf-8"))
         record["runs"]["quick"] = {m: run_one(m, BUDGETS["quick"], splits) for m in METHODS}
         record["quick_rerun"] = {"date": datetime.date.today().isoformat(), "command": f"{COMMAND} --quick-only"}
-        RESULTS_FILE.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        write_results(RESULTS_FILE, record)
         print("-> data/results/qlora_minilm.json (quick runs updated)")
         return
     runs = {budget: {m: run_one(m, steps, splits) for m in METHODS} for budget, steps in BUDGETS.items()}
@@ -143,16 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         "task": "stdlib_docstrings, pretrained MiniLM-L6 + new linear head",
         "settings": {**SETTINGS, "targets": list(SETTINGS["targets"]), "quick_val_size": QUICK_VAL_SIZE},
         "runs": runs,
-        "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                     "transformers": transformers.__version__, "peft": peft.__version__,
-                     "bitsandbytes": bitsandbytes.__version__},
-        "threads": torch.get_num_threads(),
-        "device": "cpu",
-        "date": datetime.date.today().isoformat(),
-        "command": COMMAND,
+        **provenance(COMMAND, "transformers", "peft", "bitsandbytes"),
     }
-    RESULTS_FILE.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS_FILE.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_results(RESULTS_FILE, record)
     for budget, by_method in runs.items():
         for method, r in by_method.items():
             print(f"{budget:>5} {method:<10} {r['steps']:>4} steps: val {r['val_accuracy']:.4f} "
