@@ -14,7 +14,7 @@ NBVAL_ARGS := --nbval --nbval-kernel-name $(KERNEL) --nbval-cell-timeout 600 --n
 export LORA_COURSE_PROFILE ?= offline
 export PYTHONHASHSEED := 0
 
-.PHONY: lab test setup notebooks exercises check-env lock readme-table clean-venv
+.PHONY: lab test test-browser setup notebooks exercises check-env lock readme-table clean-venv
 
 ## Set-up: idempotent; re-runs only when the pins or the package metadata change.
 setup: $(STAMP)
@@ -35,7 +35,20 @@ lab: setup
 
 ## make test: set up, then every check: unit tests, notebooks under nbval (strict), exercise sync.
 test: setup
-	LORA_COURSE_DEVICE=$${LORA_COURSE_DEVICE:-cpu} $(PY) -m pytest tests notebooks --ignore=notebooks/exercises $(NBVAL_ARGS) $(PYTEST_ARGS)
+	LORA_COURSE_DEVICE=$${LORA_COURSE_DEVICE:-cpu} $(PY) -m pytest tests notebooks --ignore=notebooks/exercises --ignore=tests/browser $(NBVAL_ARGS) $(PYTEST_ARGS)
+
+## make test-browser: JupyterLab opened in headless Chromium runs notebook 00 through the UI
+## (screenshot in test-output/browser/). Installs Debian's chromium + chromedriver when root.
+test-browser: setup
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "[test-browser] root step: apt-get install chromium chromium-driver (Debian's browser, used headless)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "[test-browser] chromium/chromedriver missing and not root: run 'sudo apt-get install chromium chromium-driver'; the test will be skipped"; \
+	  fi; \
+	fi
+	LORA_COURSE_DEVICE=$${LORA_COURSE_DEVICE:-cpu} $(PY) -m pytest tests/browser -rs -s $(PYTEST_ARGS)
 
 ## Re-execute every notebook in place (outputs committed), then regenerate the learner copies.
 notebooks: setup
