@@ -226,23 +226,17 @@ class LoRALinear(MergesIntoBase, nn.Module):
         return A, B
 
     def _pissa_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """PiSSA: W = V S Uh; A = sqrt(S_r/scaling) Uh_r, B = V_r sqrt(S_r/scaling);
-        the base weight becomes the residual W - scaling B A."""
+        """PiSSA's factors (:func:`lora_course.variants.pissa.pissa_factors`); the base weight
+        becomes the residual W - scaling B A."""
+        from .variants.pissa import pissa_factors  # the variant owns the math
+
         dtype, r = self.base.weight.dtype, self.r
         if dtype not in (torch.float32, *_LOW_PRECISION):
             raise ValueError(f"init='pissa' needs a float32/float16/bfloat16 base weight, got {dtype}")
         if r > min(self.in_features, self.out_features):
             raise ValueError(f"init='pissa' needs r <= min(in, out) = "
                              f"{min(self.in_features, self.out_features)}, got r={r}")
-        W = self._weight().to(torch.float32)  # (out, in); the SVD must run in float32, as PEFT
-        V, S, Uh = torch.linalg.svd(W, full_matrices=False)  # W = V diag(S) Uh
-        sqrt_s = (S[:r] / self.scaling).sqrt()  # (r,)
-        # LAPACK returns column-major factors; .contiguous() gives the row-major layout
-        # PEFT's diag matmuls produce (the layout changes a matmul's rounding, not the values)
-        A = (sqrt_s[:, None] * Uh[:r]).contiguous()  # (r, in)  = diag(sqrt_s) @ Uh_r
-        B = (V[:, :r] * sqrt_s[None, :]).contiguous()  # (out, r) = V_r @ diag(sqrt_s)
-        # the residual uses the float32 factors (PEFT rounds A and B to the base dtype later)
-        residual = (W - self.scaling * B @ A).to(dtype)  # (out, in), rounded once
+        A, B, residual = pissa_factors(self._weight(), r, self.scaling)
         self.base.weight.data = residual.T if self.fan_in_fan_out else residual
         return A, B
 
