@@ -227,3 +227,83 @@ def test_apply_lora_pro_reconstructs_from_the_lora_gradients_alone():
     apply_lora_pro(model)
     assert maxdiff(layer.lora_A.grad, expected[0]) < 1e-5 and maxdiff(layer.lora_B.grad, expected[1]) < 1e-5
     assert math.isfinite(layer.lora_B.grad.norm().item())
+
+
+# -- VeRA ---------------------------------------------------------------------------------
+
+def test_vera_equals_peft_forward_gradients_and_counts():
+    from peft import VeraConfig, get_peft_model
+
+    from lora_course import count_parameters
+    from lora_course.variants import VeRALinear, add_vera
+
+    targets = ["q_proj", "v_proj", "up_proj"]
+    ours = add_vera(tiny_llama(), targets, r=16, d_initial=0.1, projection_prng_key=3)
+    ref = get_peft_model(tiny_llama(), VeraConfig(r=16, target_modules=targets, d_initial=0.1, projection_prng_key=3))
+    buffers = dict(ref.named_buffers())
+    layer = next(m for m in ours.modules() if isinstance(m, VeRALinear))
+    assert torch.equal(layer.vera_A, buffers["base_model.model.model.layers.0.self_attn.q_proj.vera_A.default"])
+    assert torch.equal(layer.vera_B, buffers["base_model.model.model.layers.0.self_attn.q_proj.vera_B.default"])
+    assert count_parameters(ours) == tuple(ref.get_nb_trainable_parameters())
+    # non-zero lambda_b (0 at init would hide the branch), the same in both
+    g = torch.Generator().manual_seed(4)
+    params = dict(ref.named_parameters())
+    with torch.no_grad():
+        for name, m in ours.named_modules():
+            if isinstance(m, VeRALinear):
+                m.vera_lambda_b.copy_(torch.randn(m.out_features, generator=g))
+                params[f"base_model.model.{name}.vera_lambda_b.default"].copy_(m.vera_lambda_b)
+    x = _tokens()
+    out, expected = ours(x, labels=x), ref(x, labels=x)
+    assert maxdiff(out.logits, expected.logits) == 0
+    out.loss.backward()
+    expected.loss.backward()
+    for name, m in ours.named_modules():
+        if isinstance(m, VeRALinear):
+            for p in ("vera_lambda_d", "vera_lambda_b"):
+                assert maxdiff(getattr(m, p).grad, params[f"base_model.model.{name}.{p}.default"].grad) == 0
+    merged_out = copy.deepcopy(ours)
+    from lora_course import merge_lora
+    assert maxdiff(merge_lora(merged_out)(x).logits, out.logits) < 1e-5
+    with pytest.raises(ValueError, match="r must"):
+        add_vera(tiny_llama(), targets, r=0)
+
+
+# -- LoRA-FA ------------------------------------------------------------------------------
+
+def _lorafa_pair(dropout_free_kw):
+    ours, ref = build_pair(tiny_llama, dropout_free_kw)
+    randomize_b(ours, ref, [])
+    return ours, ref
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float32])
+def test_lorafa_matches_peft_over_three_steps(compute_dtype):
+    import warnings
+
+    from peft.optimizers import create_lorafa_optimizer as peft_lorafa
+
+    from lora_course.variants import create_lorafa_optimizer
+
+    kw = dict(target_modules=["q_proj", "v_proj"], r=4, alpha=8.0)
+    ours, ref = _lorafa_pair(kw)
+    opt = create_lorafa_optimizer(ours, lr=1e-2, weight_decay=0.01, compute_dtype=compute_dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_opt = peft_lorafa(ref, r=4, lora_alpha=8, lr=1e-2, weight_decay=0.01)
+    x = _tokens()
+    for _ in range(3):
+        for model, optimizer in ((ours, opt), (ref, peft_opt)):
+            optimizer.zero_grad()
+            model(x, labels=x).loss.backward()
+            optimizer.step()
+    params = dict(ref.named_parameters())
+    worst = 0.0
+    for name, layer in lora_layers(ours).items():
+        assert not layer.lora_A.requires_grad
+        assert torch.equal(layer.lora_A, params[peft_key(name + ".lora_A", [])])
+        worst = max(worst, maxdiff(layer.lora_B, params[peft_key(name + ".lora_B", [])]))
+    if compute_dtype == torch.bfloat16:
+        assert worst == 0  # PEFT projects B's gradient under bfloat16 autocast (also on CPU)
+    else:
+        assert 0 < worst < 1e-3  # float32 projection: B differs from PEFT's by bfloat16 rounding of the step
