@@ -307,3 +307,37 @@ def test_lorafa_matches_peft_over_three_steps(compute_dtype):
         assert worst == 0  # PEFT projects B's gradient under bfloat16 autocast (also on CPU)
     else:
         assert 0 < worst < 1e-3  # float32 projection: B differs from PEFT's by bfloat16 rounding of the step
+
+
+# -- LoRA-GA ------------------------------------------------------------------------------
+
+def test_lora_ga_equals_peft_init_and_keeps_the_function():
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraGAConfig
+    from peft.tuners.lora.loraga import preprocess_loraga
+
+    from lora_course.lora import find_lora_targets
+    from lora_course.variants import add_lora_ga, estimate_gradients
+
+    qv = ["q_proj", "v_proj"]
+    x = _tokens()
+    original = tiny_llama()
+    ours, ref = tiny_llama(), tiny_llama()
+
+    def step(model):
+        return lambda: [model(x[i:i + 1], labels=x[i:i + 1]).loss.backward() for i in range(2)]
+
+    grads = estimate_gradients(ours, find_lora_targets(ours, qv), step(ours))
+    torch.manual_seed(0)
+    add_lora_ga(ours, grads, qv, r=4, alpha=8.0)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=qv, init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig())
+    preprocess_loraga(ref, config, step(ref))
+    torch.manual_seed(0)
+    ref = get_peft_model(ref, config)
+    params = dict(ref.named_parameters())
+    for name, layer in lora_layers(ours).items():
+        assert torch.equal(layer.lora_A, params[peft_key(name + ".lora_A", [])])
+        assert torch.equal(layer.lora_B, params[peft_key(name + ".lora_B", [])])
+        assert torch.equal(layer.base.weight, params[f"base_model.model.{name}.base_layer.weight"])
+    assert maxdiff(ours(x).logits, original(x).logits) < 1e-5  # W absorbed -s B A
+    assert all(p.grad is None for p in ours.parameters())

@@ -10,6 +10,7 @@ from .loraplus import create_loraplus_optimizer, loraplus_param_groups
 from .delta_lora import DeltaLoRA
 from .lora_drop import lora_output_importance, select_lora_layers
 from .lora_pro import apply_lora_pro, equivalent_gradient, lora_pro_gradients
+from .lora_ga import add_lora_ga, estimate_gradients, lora_ga_factors
 from .lorafa import LoRAFAOptimizer, create_lorafa_optimizer
 from .vera import VeRALinear, add_vera, vera_projections
 
@@ -20,6 +21,7 @@ __all__ = [
     "DeltaLoRA",
     "lora_output_importance", "select_lora_layers",
     "apply_lora_pro", "equivalent_gradient", "lora_pro_gradients",
+    "add_lora_ga", "estimate_gradients", "lora_ga_factors",
     "LoRAFAOptimizer", "create_lorafa_optimizer",
     "VeRALinear", "add_vera", "vera_projections",
 ]
