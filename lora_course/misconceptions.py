@@ -77,7 +77,7 @@ REGISTER: tuple[Misconception, ...] = (
         "LoRA-GA means LoRA with gradient accumulation.",
         "GA is Gradient Approximation: A and B are initialised from the SVD of the first-step gradient so that "
         "LoRA's first update equals the best rank-2r approximation of full fine-tuning's gradient.",
-        "2407.05000", BANK_NOTEBOOK, "cell-14",
+        "2407.05000", "11_lora_variants", "cell-15",
     ),
     Misconception(
         "qlora-dequantize-once",
