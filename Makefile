@@ -14,7 +14,7 @@ NBVAL_ARGS := --nbval --nbval-kernel-name $(KERNEL) --nbval-cell-timeout 600 --n
 export LORA_COURSE_PROFILE ?= offline
 export PYTHONHASHSEED := 0
 
-.PHONY: lab test test-browser setup notebooks exercises check-env lock readme-table clean-venv
+.PHONY: lab test test-browser test-gpu setup notebooks exercises check-env lock readme-table clean-venv
 
 ## Set-up: idempotent; re-runs only when the pins or the package metadata change.
 setup: $(STAMP)
@@ -36,6 +36,12 @@ lab: setup
 ## make test: set up, then every check: unit tests, notebooks under nbval (strict), exercise sync.
 test: setup
 	LORA_COURSE_DEVICE=$${LORA_COURSE_DEVICE:-cpu} $(PY) -m pytest tests notebooks --ignore=notebooks/exercises --ignore=tests/browser $(NBVAL_ARGS) $(PYTEST_ARGS)
+
+## make test-gpu: the reference checks on CUDA (tests marked gpu), records written to data/measurements/.
+## Without CUDA every case skips with one line and nothing is written.
+test-gpu: setup
+	@$(PY) -c "import torch; print('[test-gpu] CUDA:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none: every gpu case will be skipped (needs CUDA)')"
+	LORA_COURSE_DEVICE=cuda $(PY) -m pytest tests/test_reference_checks.py -m gpu -rs --record-measurements data/measurements $(PYTEST_ARGS)
 
 ## make test-browser: JupyterLab opened in headless Chromium runs notebook 00 through the UI
 ## (screenshot in test-output/browser/). Installs Debian's chromium + chromedriver when root.
