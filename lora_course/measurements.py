@@ -24,6 +24,10 @@ MEASUREMENTS_DIR = DATA_DIR / "measurements"
 CHECKS: dict[str, str] = {
     "lora_vs_peft": "LoRALinear vs PEFT LoRA: logits and gradients (notebook 01)",
     "nf4_vs_bitsandbytes": "quantize_nf4 vs bitsandbytes quantize_4bit: codes and absmax (notebook 03)",
+    "double_quant_vs_bitsandbytes": "double quantization vs bitsandbytes: absmax codes, absmax2, offset (notebook 04)",
+    "dora_vs_peft": "DoRALinear vs PEFT use_dora=True: logits (notebook 08)",
+    "s2attn_vs_longlora": "shift_short_attention vs LongLoRA's forward_noflashattn (notebook 09)",
+    "int8_vs_linear8bitlt": "Int8Linear vs bitsandbytes Linear8bitLt in eval mode (notebook 14)",
     "adamw8bit_vs_bitsandbytes": "AdamW8bit vs bitsandbytes AdamW8bit: parameters after 3 steps (notebook 14)",
 }
 REQUIRED_FIELDS = ("check", "gpu", "cuda_version", "driver_version", "versions", "date", "command", "results")
