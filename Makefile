@@ -37,11 +37,17 @@ lab: setup
 test: setup
 	LORA_COURSE_DEVICE=$${LORA_COURSE_DEVICE:-cpu} $(PY) -m pytest tests notebooks --ignore=notebooks/exercises --ignore=tests/browser $(NBVAL_ARGS) $(PYTEST_ARGS)
 
-## make test-gpu: the reference checks on CUDA (tests marked gpu), records written to data/measurements/.
-## Without CUDA every case skips with one line and nothing is written.
+## make test-gpu: the reference checks on CUDA (tests marked gpu), records written to data/measurements/,
+## then the VRAM sweep (data/measurements/vram/). Without CUDA every case skips with one line and
+## nothing is written. The sweep runs even when a check fails (a failing check is a finding).
 test-gpu: setup
 	@$(PY) -c "import torch; print('[test-gpu] CUDA:', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none: every gpu case will be skipped (needs CUDA)')"
-	LORA_COURSE_DEVICE=cuda $(PY) -m pytest tests/test_reference_checks.py -m gpu -rs --record-measurements data/measurements $(PYTEST_ARGS)
+	LORA_COURSE_DEVICE=cuda $(PY) -m pytest tests/test_reference_checks.py -m gpu -rs --record-measurements data/measurements $(PYTEST_ARGS); \
+	status=$$?; \
+	if $(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then \
+	  $(PY) -m lora_course.experiments.memory_measured --device cuda || status=1; \
+	else echo "[test-gpu] VRAM sweep skipped: needs CUDA"; fi; \
+	exit $$status
 
 ## make test-browser: JupyterLab opened in headless Chromium runs notebook 00 through the UI
 ## (screenshot in test-output/browser/). Installs Debian's chromium + chromedriver when root.

@@ -28,7 +28,11 @@ CHECKS: dict[str, str] = {
     "dora_vs_peft": "DoRALinear vs PEFT use_dora=True: logits (notebook 08)",
     "s2attn_vs_longlora": "shift_short_attention vs LongLoRA's forward_noflashattn (notebook 09)",
     "int8_vs_linear8bitlt": "Int8Linear vs bitsandbytes Linear8bitLt in eval mode (notebook 14)",
-    "adamw8bit_vs_bitsandbytes": "AdamW8bit vs bitsandbytes AdamW8bit: parameters after 3 steps (notebook 14)",
+    "adamw8bit_vs_bitsandbytes": "AdamW8bit vs bitsandbytes AdamW8bit and PagedAdamW8bit: parameters after 3 steps (notebook 14)",
+    "qlora_vs_peft": "QLoRALinear vs PEFT LoRA on bitsandbytes Linear4bit: output and gradients (notebook 05)",
+    "adalora_vs_peft": "SVDLinear (AdaLoRA) vs PEFT AdaLoRA: logits and gradients (notebook 07)",
+    "training_peak_vs_estimate": "measured peak memory of a training step vs estimate_training_memory, "
+                                 "relative error (notebook 06)",
 }
 REQUIRED_FIELDS = ("check", "gpu", "cuda_version", "driver_version", "versions", "date", "command", "results")
 REQUIRED_VERSIONS = ("torch", "peft", "bitsandbytes", "transformers")

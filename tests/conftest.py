@@ -55,15 +55,16 @@ def device(request):
 
 @pytest.fixture(scope="session")
 def measure(request):
-    """``measure(check, case, device, max_abs_diff, tolerance)`` -> passed; CUDA results become
-    records in the ``--record-measurements`` folder when the session ends."""
+    """``measure(check, case, device, max_abs_diff, tolerance, **extra)`` -> passed; CUDA results
+    (with ``extra`` fields such as peak bytes and the config) become records in the
+    ``--record-measurements`` folder when the session ends."""
     collected: dict[str, list[dict]] = {}
 
-    def record(check, case, device, max_abs_diff, tolerance):
+    def record(check, case, device, max_abs_diff, tolerance, **extra):
         passed = bool(max_abs_diff <= tolerance)
         if torch.device(device).type == "cuda":
             collected.setdefault(check, []).append({"case": case, "max_abs_diff": float(max_abs_diff),
-                                                    "tolerance": float(tolerance), "passed": passed})
+                                                    "tolerance": float(tolerance), "passed": passed, **extra})
         return passed
 
     yield record

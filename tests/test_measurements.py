@@ -16,6 +16,13 @@ def test_every_committed_record_is_valid():
     records = m.load_records()  # raises, naming the file, on the first invalid one
     for record in records:
         assert record["check"] in m.CHECKS and record["gpu"] and record["command"]
+    from lora_course.experiments.memory_measured import VRAM_DIR
+
+    for path in sorted(VRAM_DIR.glob("*.json")):  # the VRAM sweep's files (rows instead of results)
+        vram = json.loads(path.read_text())
+        assert vram["gpu"] and vram["command"] and vram["rows"], path.name
+        assert all(vram["versions"].get(v) for v in m.REQUIRED_VERSIONS), path.name
+        assert len(vram["date"]) == 10, path.name
 
 
 def test_example_record_is_read_and_described(tmp_path):

@@ -14,16 +14,17 @@ bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 
 
-def _reference(base, q, blocksize, double_quant, compute_dtype):
-    """PEFT LoRA on bitsandbytes' Linear4bit holding base's weight, with q's A and B."""
+def _reference(base, q, blocksize, double_quant, compute_dtype, device="cpu"):
+    """PEFT LoRA on bitsandbytes' Linear4bit holding base's weight, with q's A and B;
+    quantized by bitsandbytes on ``device`` (its CUDA kernels there)."""
     lin = bnb.nn.Linear4bit(base.in_features, base.out_features, bias=base.bias is not None,
                             compute_dtype=compute_dtype, quant_type="nf4",
                             compress_statistics=double_quant)
-    lin.weight = bnb.nn.Params4bit(base.weight.detach().clone(), requires_grad=False, quant_type="nf4",
+    lin.weight = bnb.nn.Params4bit(base.weight.detach().cpu().clone(), requires_grad=False, quant_type="nf4",
                                    blocksize=blocksize, compress_statistics=double_quant)
     if base.bias is not None:
-        lin.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)
-    model = nn.Sequential(lin).to("cpu")  # .to(device) quantizes Params4bit
+        lin.bias = nn.Parameter(base.bias.detach().cpu().clone(), requires_grad=False)
+    model = nn.Sequential(lin).to(device)  # .to(device) quantizes Params4bit
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         pm = peft.get_peft_model(model, peft.LoraConfig(r=q.r, lora_alpha=q.alpha, target_modules=["0"]))

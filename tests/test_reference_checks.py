@@ -9,6 +9,8 @@ and its record are the finding (README, section GPU).
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import torch
 
@@ -117,3 +119,94 @@ def test_int8_vs_linear8bitlt(device, measure):
     x = _inputs(outliers=True).to(device)
     diff = maxdiff(ours(x), ref(x))
     assert measure("int8_vs_linear8bitlt", "float32 input, threshold 6, eval", device, diff, 0.0), diff
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("compute_dtype", DTYPES, ids=str)
+def test_qlora_vs_peft_on_linear4bit(device, compute_dtype, measure):
+    pytest.importorskip("bitsandbytes")
+    from test_qlora import _reference
+
+    from lora_course.qlora import QLoRALinear
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(256, 48).to(device)
+    q = QLoRALinear(base, r=4, alpha=8.0, blocksize=64, double_quant=True, compute_dtype=compute_dtype)
+    with torch.no_grad():
+        q.lora_B.normal_()  # B = 0 at init would hide the branch
+    pm, layer = _reference(base, q, 64, True, compute_dtype, device)  # bitsandbytes quantizes on `device`
+    x = torch.randn(3, 5, 256, generator=torch.Generator().manual_seed(2)).to(device)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    y1, y2 = q(x1), pm(x2)
+    g = torch.randn(y1.shape, generator=torch.Generator().manual_seed(3)).to(device)
+    y1.backward(g)
+    y2.backward(g)
+    case = str(compute_dtype).replace("torch.", "") + " compute"
+    parts = {"output": maxdiff(y1, y2), "dL/dx": maxdiff(x1.grad, x2.grad),
+             "dL/dA": maxdiff(q.lora_A.grad, layer.lora_A["default"].weight.grad),
+             "dL/dB": maxdiff(q.lora_B.grad, layer.lora_B["default"].weight.grad)}
+    passed = [measure("qlora_vs_peft", f"{case}, {part}", device, diff, 0.0) for part, diff in parts.items()]
+    assert all(passed), parts
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+def test_adalora_vs_peft(device, measure):
+    from test_adalora import build_pair as adalora_pair, pairs, randomize_e
+
+    ours, ref = adalora_pair(tiny_llama, dict(init_r=6, alpha=16.0), dict(total_step=10, target_r=3))
+    randomize_e(ours, ref, [])  # lambda = 0 at init would hide the branch
+    ours, ref = ours.to(device), ref.to(device)
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5)).to(device)
+    out, expected = ours(x).logits, ref(x).logits
+    out.square().mean().backward()
+    expected.square().mean().backward()
+    logits = maxdiff(out, expected)
+    grads = max(maxdiff(a, b) for _, a, b in pairs(ours, ref, [], grads=True))
+    assert measure("adalora_vs_peft", "float32 logits", device, logits, 0.0), logits
+    assert measure("adalora_vs_peft", "float32 gradients of P, lambda, Q", device, grads, 0.0), grads
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.filterwarnings("ignore:Paged optimizers are not supported on CPU")  # CPU: same update, no paging
+def test_paged_adamw8bit_vs_bitsandbytes(device, measure):
+    bnb = pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    init = torch.randn(128, 300)
+    ours = init.clone().to(device).requires_grad_(True)
+    theirs = init.clone().to(device).requires_grad_(True)
+    oa, ob = AdamW8bit([ours], lr=1e-2), bnb.optim.PagedAdamW8bit([theirs], lr=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        grad = torch.randn(init.shape, generator=gen).to(device)
+        ours.grad, theirs.grad = grad.clone(), grad.clone()
+        oa.step()
+        ob.step()
+    diff = maxdiff(ours, theirs)  # paging moves the states, it does not change the update
+    assert measure("adamw8bit_vs_bitsandbytes", "paged, float32, 3 steps", device, diff, 0.0), diff
+
+
+# A small Llama (SmolLM-135M's widths, 2 layers, 8,192-token vocabulary) trained one step in
+# float32 with AdamW: measured peak (CPU live tensor bytes / CUDA max_memory_allocated) vs
+# estimate_training_memory. The CPU tolerance is the measured agreement (< 2e-5 relative).
+PEAK_CASES = ["full", "lora", "qlora"]
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("method", PEAK_CASES)
+def test_training_peak_vs_estimate(device, method, measure):
+    from lora_course.experiments.memory_measured import QUICK_SETTINGS, measure_one
+    from lora_course.models import reference_config
+
+    s = QUICK_SETTINGS
+    config = reference_config(s["config"], num_hidden_layers=s["layers"], vocab_size=s["vocab_size"])
+    (batch, seq_len), = s["sizes"]
+    if device.type == "cuda":
+        gc.collect()  # models of earlier checks must not count in this step's peak
+        torch.cuda.empty_cache()
+    row = measure_one(config, method, batch, seq_len, False, torch.float32, s["r"], s["target_modules"], s["lr"],
+                      timed_steps=0, device=device.type)
+    error = abs(row["measured_peak"] / row["estimate"]["peak"] - 1)
+    assert measure("training_peak_vs_estimate", f"{method}, float32, b{batch} x {seq_len}, AdamW", device, error,
+                   2e-5, measured_peak_bytes=row["measured_peak"], estimated_peak_bytes=row["estimate"]["peak"],
+                   config=f"{s['config']} widths, {s['layers']} layers, vocab {s['vocab_size']}, r={s['r']} "
+                          f"{s['target_modules']}"), row

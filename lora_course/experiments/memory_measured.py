@@ -9,17 +9,19 @@ next to ``estimate_training_memory`` part by part, and the median step time.
 CUDA (``--device cuda``, on a GPU machine): TinyLlama-1.1B's configuration in bfloat16,
 batch 1..4 x sequence 512..2048, ``torch.cuda.max_memory_allocated`` for full fine-tuning,
 LoRA (ours) and QLoRA through bitsandbytes' CUDA kernels (``BitsAndBytesConfig`` loading +
-PEFT), written to ``data/measurements/`` with the GPU name, versions, date and command.
+PEFT), written to ``data/measurements/vram/`` with the GPU name, versions, date and command
+(``make test-gpu`` runs it).
 
 Run::
 
     python -m lora_course.experiments.memory_measured                # writes data/results/memory_cpu.json
-    python -m lora_course.experiments.memory_measured --device cuda  # writes data/measurements/memory_cuda.json
+    python -m lora_course.experiments.memory_measured --device cuda  # writes data/measurements/vram/memory_cuda.json
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import tempfile
@@ -33,12 +35,13 @@ import torch
 from ..data import DATA_DIR
 from . import provenance, write_results
 from ..lora import add_lora
+from ..measurements import gpu_description
 from ..memory import estimate_training_memory, track_peak_memory
 from ..models import reference_config
 from ..qlora import add_qlora
 
 RESULTS_FILE = DATA_DIR / "results" / "memory_cpu.json"
-MEASUREMENTS_DIR = DATA_DIR / "measurements"
+VRAM_DIR = DATA_DIR / "measurements" / "vram"  # beside the per-check records of make test-gpu
 COMMAND = "python -m lora_course.experiments.memory_measured"
 METHODS = ("full", "lora", "qlora")
 CPU_SETTINGS = dict(config="smollm-135m", dtype="float32", r=8, target_modules="all-linear", lr=1e-4,
@@ -77,8 +80,15 @@ def _training_step(model, optimizer, ids) -> None:
 
 def measure_one(config: Any, method: str, batch: int, seq_len: int, checkpointing: bool, dtype: torch.dtype,
                 r: int, target_modules: Any, lr: float, timed_steps: int, device: str = "cpu",
-                model: torch.nn.Module | None = None) -> dict:
-    """Peak memory of one training step (after a warm-up step) and the estimate, part by part."""
+                model: torch.nn.Module | None = None, resident_bytes: int | None = None) -> dict:
+    """Peak memory of one training step (after a warm-up step) and the estimate, part by part.
+
+    On CUDA the allocator's peak counts everything on the device; ``resident_bytes`` (what was
+    allocated before the model existed; measured here when the model is built here) is
+    subtracted, so the peak is this training step's own.
+    """
+    if resident_bytes is None:
+        resident_bytes = torch.cuda.memory_allocated(device) if device == "cuda" and model is None else 0
     model = model if model is not None else build_model(config, method, dtype, r, target_modules, checkpointing, device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     ids = torch.randint(0, config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(0)).to(device)
@@ -100,10 +110,10 @@ def measure_one(config: Any, method: str, batch: int, seq_len: int, checkpointin
                                    optimizer_state_dtype=state_dtype)
     return {
         "method": method, "batch": batch, "seq_len": seq_len, "gradient_checkpointing": checkpointing,
-        "measured_peak": mem.peak, "measured_baseline": mem.baseline,
+        "measured_peak": mem.peak - resident_bytes, "measured_baseline": mem.baseline - resident_bytes,
         "estimate": est.as_dict(),
-        "peak_error": round(mem.peak / est.peak - 1, 5),
-        "sum_error": round(mem.peak / est.total - 1, 5),
+        "peak_error": round((mem.peak - resident_bytes) / est.peak - 1, 5),
+        "sum_error": round((mem.peak - resident_bytes) / est.total - 1, 5),
         "seconds_per_step": round(statistics.median(times), 3) if times else None,
     }
 
@@ -148,11 +158,14 @@ def run_cuda(settings: dict) -> dict:
     for b, s in settings["sizes"]:
         for method in METHODS:
             for ckpt in (False, True):
+                gc.collect()
                 torch.cuda.empty_cache()
+                resident = torch.cuda.memory_allocated()
                 try:
                     model = _bnb_qlora_model(config, settings["r"], dtype, ckpt) if method == "qlora" else None
                     row = measure_one(config, method, b, s, ckpt, dtype, settings["r"], settings["target_modules"],
-                                      settings["lr"], settings["timed_steps"], device="cuda", model=model)
+                                      settings["lr"], settings["timed_steps"], device="cuda", model=model,
+                                      resident_bytes=resident)
                 except torch.cuda.OutOfMemoryError as exc:
                     row = {"method": method, "batch": b, "seq_len": s, "gradient_checkpointing": ckpt,
                            "error": f"out of memory: {str(exc).splitlines()[0]}"}
@@ -161,13 +174,12 @@ def run_cuda(settings: dict) -> dict:
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "estimate"}))
                 model = None
-    return {"gpu": torch.cuda.get_device_name(), "settings": settings, "rows": rows,
-            **provenance(f"{COMMAND} --device cuda", "transformers", "peft", "bitsandbytes", device="cuda"),
-            "cuda": torch.version.cuda}
+    return {**gpu_description(), "settings": settings, "rows": rows,
+            **provenance(f"{COMMAND} --device cuda", "transformers", "peft", "bitsandbytes", device="cuda")}
 
 
-def committed_gpu_records(directory: Path = MEASUREMENTS_DIR) -> list[dict]:
-    """Every GPU memory record committed under ``data/measurements/`` (``memory_cuda*.json``)."""
+def committed_gpu_records(directory: Path = VRAM_DIR) -> list[dict]:
+    """Every GPU memory record committed under ``data/measurements/vram/`` (``memory_cuda*.json``)."""
     return [json.loads(p.read_text(encoding="utf-8")) for p in sorted(directory.glob("memory_cuda*.json"))]
 
 
@@ -179,8 +191,8 @@ def main() -> None:
         if not torch.cuda.is_available():
             raise SystemExit("--device cuda: no CUDA device is available here")
         record = run_cuda(CUDA_SETTINGS)
-        MEASUREMENTS_DIR.mkdir(parents=True, exist_ok=True)
-        out = MEASUREMENTS_DIR / "memory_cuda.json"
+        VRAM_DIR.mkdir(parents=True, exist_ok=True)
+        out = VRAM_DIR / "memory_cuda.json"
         write_results(out, record)
         print(f"-> {out.relative_to(DATA_DIR.parent)}")
         return
