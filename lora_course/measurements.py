@@ -25,12 +25,14 @@ CHECKS: dict[str, str] = {
     "lora_vs_peft": "LoRALinear vs PEFT LoRA: logits and gradients (notebook 01)",
     "nf4_vs_bitsandbytes": "quantize_nf4 vs bitsandbytes quantize_4bit: codes and absmax (notebook 03)",
     "double_quant_vs_bitsandbytes": "double quantization vs bitsandbytes: absmax codes, absmax2, offset (notebook 04)",
-    "dora_vs_peft": "DoRALinear vs PEFT use_dora=True: logits (notebook 08)",
+    "dora_vs_peft": "DoRALinear vs PEFT use_dora=True: logits in 3 dtypes (notebook 08)",
     "s2attn_vs_longlora": "shift_short_attention vs LongLoRA's forward_noflashattn (notebook 09)",
     "int8_vs_linear8bitlt": "Int8Linear vs bitsandbytes Linear8bitLt in eval mode (notebook 14)",
     "adamw8bit_vs_bitsandbytes": "AdamW8bit vs bitsandbytes AdamW8bit and PagedAdamW8bit: parameters after 3 steps (notebook 14)",
     "qlora_vs_peft": "QLoRALinear vs PEFT LoRA on bitsandbytes Linear4bit: output and gradients (notebook 05)",
     "adalora_vs_peft": "SVDLinear (AdaLoRA) vs PEFT AdaLoRA: logits and gradients (notebook 07)",
+    "variants_vs_peft": "rsLoRA, PiSSA and VeRA vs PEFT (use_rslora, init_lora_weights='pissa', VeraConfig): logits "
+                        "(notebook 11)",
     "training_peak_vs_estimate": "measured peak memory of a training step vs estimate_training_memory, "
                                  "relative error (notebook 06)",
 }

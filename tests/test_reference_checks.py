@@ -45,6 +45,11 @@ def test_nf4_vs_bitsandbytes(device, dtype, measure):
     absmax = maxdiff(ours.absmax.cpu(), state.absmax.cpu())
     assert measure("nf4_vs_bitsandbytes", f"{str(dtype).replace('torch.', '')} codes differing", device, codes, 0)
     assert measure("nf4_vs_bitsandbytes", f"{str(dtype).replace('torch.', '')} absmax", device, absmax, 0.0)
+    if device.type == "cuda":  # bitsandbytes' CUDA kernel against its own CPU path (a finding if they differ)
+        cpu_packed, cpu_state = bnbF.quantize_4bit(w.cpu(), blocksize=64, quant_type="nf4")
+        cross = (cpu_packed.reshape(-1) != packed.reshape(-1).cpu()).sum().item()
+        assert measure("nf4_vs_bitsandbytes", f"{str(dtype).replace('torch.', '')} bitsandbytes cuda vs its cpu "
+                       "path: codes differing", device, cross, 0)
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
@@ -84,15 +89,51 @@ def test_double_quant_vs_bitsandbytes(device, dtype, measure):
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
-def test_dora_vs_peft(device, measure):
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dora_vs_peft(device, dtype, measure):
     from test_dora import build_pair as dora_pair, perturb
 
-    ours, ref = dora_pair(tiny_llama(), tiny_llama(), dict(target_modules=["q_proj", "v_proj"], r=4, alpha=8.0))
+    kw = dict(target_modules=["q_proj", "v_proj"], r=4, alpha=8.0)
+    ours, ref = dora_pair(tiny_llama().to(dtype), tiny_llama().to(dtype), kw)
     perturb(ours, ref, [])
     ours, ref = ours.to(device), ref.to(device)
     x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5)).to(device)
     diff = maxdiff(ours(x).logits, ref(x).logits)
-    assert measure("dora_vs_peft", "float32", device, diff, 0.0), diff
+    assert measure("dora_vs_peft", str(dtype).replace("torch.", ""), device, diff, 0.0), diff
+
+
+@pytest.mark.parametrize("device", DEVICES, indirect=True)
+@pytest.mark.parametrize("variant", ["rslora", "pissa", "vera"])
+def test_variants_vs_peft(device, variant, measure):
+    from peft import VeraConfig, get_peft_model
+
+    from lora_course.variants import add_pissa, add_rslora, add_vera
+
+    targets = ["q_proj", "v_proj"]
+    if variant == "vera":
+        ours = add_vera(tiny_llama(), targets, r=16, d_initial=0.1, projection_prng_key=3)
+        ref = get_peft_model(tiny_llama(), VeraConfig(r=16, target_modules=targets, d_initial=0.1,
+                                                      projection_prng_key=3))
+    else:  # both built from seed 0 (PEFT draws A first in both), PiSSA's SVD on the CPU
+        kw = dict(target_modules=targets, r=4, alpha=8.0, **({"use_rslora": True} if variant == "rslora" else
+                                                             {"init": "pissa"}))
+        _, ref = build_pair(tiny_llama, kw)
+        ours = tiny_llama()
+        torch.manual_seed(0)
+        (add_rslora if variant == "rslora" else add_pissa)(ours, targets, r=4, alpha=8.0)
+    mine, theirs = dict(ours.named_parameters()), dict(ref.named_parameters())
+    with torch.no_grad():  # a non-zero trained factor (B or lambda_b is 0 at init), the same in both
+        g = torch.Generator().manual_seed(4)
+        for name, p in mine.items():
+            if name.endswith(("lora_B", "vera_lambda_b")):
+                p.copy_(torch.randn(p.shape, generator=g))
+                key = (f"base_model.model.{name}.default.weight" if name.endswith("lora_B")
+                       else f"base_model.model.{name}.default")
+                theirs[key].copy_(p)
+    ours, ref = ours.to(device), ref.to(device)
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5)).to(device)
+    diff = maxdiff(ours(x).logits, ref(x).logits)
+    assert measure("variants_vs_peft", f"{variant}, float32 logits", device, diff, 0.0), diff
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
