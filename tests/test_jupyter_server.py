@@ -12,8 +12,6 @@ Run with ``pytest -s`` to see the start-up time.
 from __future__ import annotations
 
 import json
-import os
-import secrets
 import socket
 import subprocess
 import sys
@@ -23,17 +21,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from jupyter_servers import JUPYTER, free_port, isolated_env, lab_command, new_token, stop
 
 REPO = Path(__file__).resolve().parent.parent
 KERNEL = "lora-course"
 START_TIMEOUT_S = 60.0
-JUPYTER = Path(sys.executable).parent / "jupyter"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str, token: str | None, timeout: float = 5.0) -> tuple[int, dict]:
@@ -49,25 +41,11 @@ def _get(url: str, token: str | None, timeout: float = 5.0) -> tuple[int, dict]:
 
 @pytest.mark.skipif(not JUPYTER.exists(), reason="jupyter is not installed next to this Python")
 def test_jupyterlab_server_starts_and_lists_the_course_kernel(tmp_path):
-    port, token = _free_port(), secrets.token_hex(16)
+    port, token = free_port(), new_token()
     base = f"http://127.0.0.1:{port}"
-    env = {
-        **os.environ,
-        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
-        "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
-        "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "lab-settings"),
-        "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "lab-workspaces"),
-    }
-    command = [
-        str(JUPYTER), "lab", "--no-browser",
-        "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
-        f"--IdentityProvider.token={token}",
-    ]
-    if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers and CI often run as root
-        command.append("--allow-root")
     log = (tmp_path / "server.log").open("w")
     started = time.perf_counter()
-    server = subprocess.Popen(command, cwd=REPO / "notebooks", env=env, stdout=log,
+    server = subprocess.Popen(lab_command(port, token), cwd=REPO / "notebooks", env=isolated_env(tmp_path), stdout=log,
                               stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     try:
         status, answered = None, None
@@ -99,12 +77,7 @@ def test_jupyterlab_server_starts_and_lists_the_course_kernel(tmp_path):
         # the kernel runs this venv's Python, not some other environment's
         assert Path(spec["argv"][0]).parent.resolve() == Path(sys.executable).parent.resolve()
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait(timeout=10)
+        stop(server)
         log.close()
     assert server.returncode is not None
     with pytest.raises(OSError):  # the port is closed again

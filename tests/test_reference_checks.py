@@ -22,14 +22,19 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
+def logits_diff(ours: torch.nn.Module, ref: torch.nn.Module, device: torch.device) -> float:
+    """Both models moved to ``device``; max |diff| of their logits on one fixed batch of tokens."""
+    ours, ref = ours.to(device), ref.to(device)
+    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5)).to(device)
+    return maxdiff(ours(x).logits, ref(x).logits)
+
+
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_lora_vs_peft(device, dtype, measure):
     ours, ref = build_pair(lambda: tiny_llama().to(dtype), dict(target_modules=["q_proj", "v_proj"], r=4, alpha=8.0))
     randomize_b(ours, ref, [])
-    ours, ref = ours.to(device), ref.to(device)
-    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5)).to(device)
-    diff = maxdiff(ours(x).logits, ref(x).logits)
+    diff = logits_diff(ours, ref, device)
     assert measure("lora_vs_peft", str(dtype).replace("torch.", ""), device, diff, 0.0), diff
 
 
@@ -96,9 +101,7 @@ def test_dora_vs_peft(device, dtype, measure):
     kw = dict(target_modules=["q_proj", "v_proj"], r=4, alpha=8.0)
     ours, ref = dora_pair(tiny_llama().to(dtype), tiny_llama().to(dtype), kw)
     perturb(ours, ref, [])
-    ours, ref = ours.to(device), ref.to(device)
-    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5)).to(device)
-    diff = maxdiff(ours(x).logits, ref(x).logits)
+    diff = logits_diff(ours, ref, device)
     assert measure("dora_vs_peft", str(dtype).replace("torch.", ""), device, diff, 0.0), diff
 
 
@@ -130,9 +133,7 @@ def test_variants_vs_peft(device, variant, measure):
                 key = (f"base_model.model.{name}.default.weight" if name.endswith("lora_B")
                        else f"base_model.model.{name}.default")
                 theirs[key].copy_(p)
-    ours, ref = ours.to(device), ref.to(device)
-    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5)).to(device)
-    diff = maxdiff(ours(x).logits, ref(x).logits)
+    diff = logits_diff(ours, ref, device)
     assert measure("variants_vs_peft", f"{variant}, float32 logits", device, diff, 0.0), diff
 
 

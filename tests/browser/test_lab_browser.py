@@ -22,22 +22,19 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import shutil
-import socket
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+from jupyter_servers import JUPYTER, free_port, isolated_env, lab_command, new_token, stop
 
 REPO = Path(__file__).resolve().parents[2]
 NOTEBOOK = "00_setup_and_tour.ipynb"
 KERNEL, KERNEL_DISPLAY = "lora-course", "Python (lora-course)"
-JUPYTER = Path(sys.executable).parent / "jupyter"
 CHROMIUM = Path(os.environ.get("LORA_COURSE_CHROMIUM", "/usr/bin/chromium"))
 CHROMEDRIVER = Path(os.environ.get("LORA_COURSE_CHROMEDRIVER", "/usr/bin/chromedriver"))
 SCREENSHOT = REPO / "test-output" / "browser" / NOTEBOOK.replace(".ipynb", ".png")
@@ -56,12 +53,6 @@ def _missing_browser_parts() -> list[str]:
     except ImportError:
         missing.append("the selenium package (make setup installs it from requirements.lock)")
     return missing
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _api(base: str, path: str, token: str) -> object:
@@ -98,22 +89,9 @@ def lab(tmp_path):
     tracker = settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings"
     tracker.parent.mkdir(parents=True)
     tracker.write_text(json.dumps({"windowingMode": "none"}))
-    env = {
-        **os.environ,
-        "JUPYTER_RUNTIME_DIR": str(tmp_path / "runtime"),
-        "JUPYTER_CONFIG_DIR": str(tmp_path / "config"),
-        "JUPYTERLAB_SETTINGS_DIR": str(settings),
-        "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "lab-workspaces"),
-        "LORA_COURSE_DEVICE": os.environ.get("LORA_COURSE_DEVICE", "cpu"),
-    }
-    port, token = _free_port(), secrets.token_hex(16)
-    command = [
-        str(JUPYTER), "lab", "--no-browser",
-        "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
-        f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-    ]
-    if hasattr(os, "geteuid") and os.geteuid() == 0:  # containers and CI often run as root
-        command.append("--allow-root")
+    env = isolated_env(tmp_path, settings, LORA_COURSE_DEVICE=os.environ.get("LORA_COURSE_DEVICE", "cpu"))
+    port, token = free_port(), new_token()
+    command = lab_command(port, token, f"--ServerApp.root_dir={root}")
     log_path = tmp_path / "server.log"
     base = f"http://127.0.0.1:{port}"
     with log_path.open("w") as log:
@@ -131,12 +109,7 @@ def lab(tmp_path):
             _wait_until(answers, START_TIMEOUT_S, "jupyter lab to answer /api/status")
             yield {"base": base, "token": token, "root": root, "log": log_path}
         finally:
-            server.terminate()
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait(timeout=10)
+            stop(server)
 
 
 @pytest.fixture
