@@ -46,15 +46,15 @@ def test_nf4_vs_bitsandbytes(device, dtype, measure):
     w = (torch.randn(96, 200, generator=g) * 0.02).to(dtype).to(device)
     ours = quantize_nf4(w, blocksize=64)
     packed, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4")
-    codes = (ours.packed.cpu() != packed.reshape(-1).cpu()).sum().item()
-    absmax = maxdiff(ours.absmax.cpu(), state.absmax.cpu())
-    assert measure("nf4_vs_bitsandbytes", f"{str(dtype).replace('torch.', '')} codes differing", device, codes, 0)
-    assert measure("nf4_vs_bitsandbytes", f"{str(dtype).replace('torch.', '')} absmax", device, absmax, 0.0)
+    case = str(dtype).replace("torch.", "")
+    parts = {f"{case} codes differing": (ours.packed.cpu() != packed.reshape(-1).cpu()).sum().item(),
+             f"{case} absmax": maxdiff(ours.absmax.cpu(), state.absmax.cpu())}
     if device.type == "cuda":  # bitsandbytes' CUDA kernel against its own CPU path (a finding if they differ)
-        cpu_packed, cpu_state = bnbF.quantize_4bit(w.cpu(), blocksize=64, quant_type="nf4")
-        cross = (cpu_packed.reshape(-1) != packed.reshape(-1).cpu()).sum().item()
-        assert measure("nf4_vs_bitsandbytes", f"{str(dtype).replace('torch.', '')} bitsandbytes cuda vs its cpu "
-                       "path: codes differing", device, cross, 0)
+        cpu_packed, _ = bnbF.quantize_4bit(w.cpu(), blocksize=64, quant_type="nf4")
+        parts[f"{case} bitsandbytes cuda vs its cpu path: codes differing"] = (
+            cpu_packed.reshape(-1) != packed.reshape(-1).cpu()).sum().item()
+    passed = [measure("nf4_vs_bitsandbytes", part, device, diff, 0) for part, diff in parts.items()]  # all recorded
+    assert all(passed), parts
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
@@ -85,12 +85,11 @@ def test_double_quant_vs_bitsandbytes(device, dtype, measure):
     ours = quantize_nf4(w, blocksize=64, double_quant=True)
     _, state = bnbF.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=True)
     case = str(dtype).replace("torch.", "")
-    codes = (ours.qabsmax.cpu() != state.absmax.reshape(-1).cpu()).sum().item()
-    second = maxdiff(ours.absmax2.cpu(), state.state2.absmax.cpu())
-    offset = maxdiff(ours.offset.cpu(), torch.as_tensor(state.offset).cpu())
-    assert measure("double_quant_vs_bitsandbytes", f"{case} absmax codes differing", device, codes, 0)
-    assert measure("double_quant_vs_bitsandbytes", f"{case} absmax2", device, second, 0.0)
-    assert measure("double_quant_vs_bitsandbytes", f"{case} offset", device, offset, 0.0)
+    parts = {f"{case} absmax codes differing": (ours.qabsmax.cpu() != state.absmax.reshape(-1).cpu()).sum().item(),
+             f"{case} absmax2": maxdiff(ours.absmax2.cpu(), state.state2.absmax.cpu()),
+             f"{case} offset": maxdiff(ours.offset.cpu(), torch.as_tensor(state.offset).cpu())}
+    passed = [measure("double_quant_vs_bitsandbytes", part, device, diff, 0) for part, diff in parts.items()]
+    assert all(passed), parts
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
@@ -204,8 +203,9 @@ def test_adalora_vs_peft(device, measure):
     expected.square().mean().backward()
     logits = maxdiff(out, expected)
     grads = max(maxdiff(a, b) for _, a, b in pairs(ours, ref, [], grads=True))
-    assert measure("adalora_vs_peft", "float32 logits", device, logits, 0.0), logits
-    assert measure("adalora_vs_peft", "float32 gradients of P, lambda, Q", device, grads, 0.0), grads
+    passed = [measure("adalora_vs_peft", "float32 logits", device, logits, 0.0),
+              measure("adalora_vs_peft", "float32 gradients of P, lambda, Q", device, grads, 0.0)]
+    assert all(passed), (logits, grads)
 
 
 @pytest.mark.parametrize("device", DEVICES, indirect=True)
