@@ -20,12 +20,13 @@ from test_lora import build_pair, maxdiff, randomize_b
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOKENS = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5))  # one fixed batch
 
 
 def logits_diff(ours: torch.nn.Module, ref: torch.nn.Module, device: torch.device) -> float:
-    """Both models moved to ``device``; max |diff| of their logits on one fixed batch of tokens."""
+    """Both models moved to ``device``; max |diff| of their logits on ``TOKENS``."""
     ours, ref = ours.to(device), ref.to(device)
-    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5)).to(device)
+    x = TOKENS.to(device)
     return maxdiff(ours(x).logits, ref(x).logits)
 
 
@@ -197,8 +198,7 @@ def test_adalora_vs_peft(device, measure):
     ours, ref = adalora_pair(tiny_llama, dict(init_r=6, alpha=16.0), dict(total_step=10, target_r=3))
     randomize_e(ours, ref, [])  # lambda = 0 at init would hide the branch
     ours, ref = ours.to(device), ref.to(device)
-    x = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(5)).to(device)
-    out, expected = ours(x).logits, ref(x).logits
+    out, expected = ours(TOKENS.to(device)).logits, ref(TOKENS.to(device)).logits
     out.square().mean().backward()
     expected.square().mean().backward()
     logits = maxdiff(out, expected)

@@ -108,12 +108,13 @@ def measure_one(config: Any, method: str, batch: int, seq_len: int, checkpointin
     est = estimate_training_memory(config, method, r=r, target_modules=target_modules, dtype=dtype, batch=batch,
                                    seq_len=seq_len, gradient_checkpointing=checkpointing,
                                    optimizer_state_dtype=state_dtype)
+    peak = mem.peak - resident_bytes
     return {
         "method": method, "batch": batch, "seq_len": seq_len, "gradient_checkpointing": checkpointing,
-        "measured_peak": mem.peak - resident_bytes, "measured_baseline": mem.baseline - resident_bytes,
+        "measured_peak": peak, "measured_baseline": mem.baseline - resident_bytes,
         "estimate": est.as_dict(),
-        "peak_error": round((mem.peak - resident_bytes) / est.peak - 1, 5),
-        "sum_error": round((mem.peak - resident_bytes) / est.total - 1, 5),
+        "peak_error": round(peak / est.peak - 1, 5),
+        "sum_error": round(peak / est.total - 1, 5),
         "seconds_per_step": round(statistics.median(times), 3) if times else None,
     }
 
