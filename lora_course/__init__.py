@@ -13,7 +13,8 @@ from .adalora import RankAllocator, SVDLinear, add_adalora, orth_regularization 
 from .longlora import patch_s2attn, shift_short_attention  # noqa: E402
 from .lora import LoRALinear, add_lora, count_parameters, merge_lora  # noqa: E402
 from .dora import DoRALinear, add_dora  # noqa: E402
-from .memory import estimate_training_memory, track_peak_memory  # noqa: E402
+from .memory_estimate import estimate_training_memory  # noqa: E402
+from .memory_measure import track_peak_memory  # noqa: E402
 from .qlora import QLoRALinear, add_qlora  # noqa: E402
 from .peft_io import load_adapter, save_adapter  # noqa: E402
 from .quant import (  # noqa: E402

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .checks import check_int
 from .config import hub_unreachable_reason, profile
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
@@ -224,15 +225,6 @@ class LowRankTask:
         return torch.linalg.svdvals(self.delta)
 
 
-def _check_int(name: str, value: Any, low: int = 1, allow_none: bool = False) -> None:
-    """Raise a ValueError naming ``name`` unless ``value`` is an int >= ``low`` (or None if allowed)."""
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < low:
-        allowed = f"{'None or ' if allow_none else ''}an int >= {low}"
-        raise ValueError(f"{name} must be {allowed}, got {value!r}")
-
-
 def make_low_rank_task(
     d_in: int = 64,
     d_out: int = 64,
@@ -249,8 +241,8 @@ def make_low_rank_task(
     ``W0`` and ``delta`` have entries of variance ``1/d_in``, so both parts matter equally.
     """
     for arg, value in dict(d_in=d_in, d_out=d_out, rank=rank, n_train=n_train, n_test=n_test).items():
-        _check_int(arg, value, low=1)
-    _check_int("seed", seed, low=0)
+        check_int(arg, value, low=1)
+    check_int("seed", seed, low=0)
     if rank > min(d_in, d_out):
         raise ValueError(f"rank must be between 1 and min(d_in, d_out) = {min(d_in, d_out)}, got {rank}")
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise < float("inf"):

@@ -16,18 +16,14 @@ from __future__ import annotations
 
 from torch import nn
 
+from .checks import check_int, check_real
+
 ZERO_STAGES = (0, 1, 2, 3)
 
 
 def allreduce_bytes_per_step(model: nn.Module) -> int:
     """Bytes of gradient DDP all-reduces per optimizer step: every trainable parameter, once."""
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-
-
-def _check_positive(name: str, value: object, integer: bool = True) -> None:
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
-        raise ValueError(f"{name} must be a positive {'int' if integer else 'number'}, got {value!r}")
 
 
 def zero_bytes_per_gpu(n_params: int, n_gpus: int, stage: int, param_bytes: int = 2, grad_bytes: int = 2,
@@ -38,13 +34,12 @@ def zero_bytes_per_gpu(n_params: int, n_gpus: int, stage: int, param_bytes: int 
     optimizer states; with LoRA it is the adapters only, while the frozen base is still
     stored (and sharded at stage 3).
     """
-    _check_positive("n_params", n_params)
-    _check_positive("n_gpus", n_gpus)
+    n_params = check_int("n_params", n_params)
+    n_gpus = check_int("n_gpus", n_gpus)
     if stage not in ZERO_STAGES:
         raise ValueError(f"stage must be one of {ZERO_STAGES}, got {stage!r}")
     for name, value in (("param_bytes", param_bytes), ("grad_bytes", grad_bytes), ("optimizer_bytes", optimizer_bytes)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-            raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        check_real(name, value, low=0)
     trainable = n_params if trainable is None else trainable
     if isinstance(trainable, bool) or not isinstance(trainable, int) or not 0 <= trainable <= n_params:
         raise ValueError(f"trainable must be an int between 0 and n_params={n_params}, got {trainable!r}")

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import DATA_DIR
+from .records import provenance, write_results
 
 MEASUREMENTS_DIR = DATA_DIR / "measurements"
 CHECKS: dict[str, str] = {
@@ -124,15 +125,12 @@ def gpu_description() -> dict[str, Any]:
 def write_record(check: str, results: list[dict[str, Any]], command: str,
                  directory: str | Path | None = None) -> Path:
     """Write (replace) the record of ``check`` with this machine's GPU, versions, date and ``results``."""
-    from .experiments import provenance
-
     _check_name(check)
     info = provenance(command, "peft", "bitsandbytes", "transformers", device="cuda")
     record = {"check": check, **gpu_description(), "versions": info["versions"], "date": info["date"],
               "command": command, "results": results}
     validate_record(record)
     folder = Path(directory) if directory is not None else MEASUREMENTS_DIR
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{check}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_results(path, record)
     return path

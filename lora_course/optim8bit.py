@@ -213,6 +213,6 @@ class AdamW8bit(torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes of all optimizer-state tensors (shared code maps once), as ``memory.storage_bytes``."""
-        from .memory import storage_bytes
+        from .memory_measure import storage_bytes
 
         return storage_bytes(t for s in self.state.values() for t in s.values() if isinstance(t, torch.Tensor))

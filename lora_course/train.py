@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm  # plain tqdm (stderr): tqdm.auto needs ipywidgets in notebooks
 
-from .data import _check_int
+from .checks import check_int
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,
@@ -112,8 +112,8 @@ def train(
             and after the last step.
     The model is in train mode during the loop and gets its previous mode back after.
     """
-    _check_int("steps", steps)
-    _check_int("eval_every", eval_every, allow_none=True)
+    check_int("steps", steps)
+    check_int("eval_every", eval_every, allow_none=True)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters (requires_grad=True): "
@@ -144,7 +144,7 @@ def train(
 
 def _tokenize(tokenizer: Any, dataset: Any, max_length: int) -> dict[str, torch.Tensor]:
     """Tokenize ``dataset["text"]`` once, padded to ``max_length``; add ``labels``."""
-    _check_int("max_length", max_length, low=2)
+    check_int("max_length", max_length, low=2)
     if len(dataset) == 0:
         raise ValueError("dataset is empty; expected rows with 'text' and 'label' columns")
     enc = tokenizer(list(dataset["text"]), padding="max_length", truncation=True,
@@ -174,8 +174,8 @@ def classification_batches(
     each epoch is reshuffled by a generator seeded with ``seed``, so the batches are the
     same for the same seed. ``epochs=None`` yields forever.
     """
-    _check_int("batch_size", batch_size)
-    _check_int("epochs", epochs, allow_none=True)
+    check_int("batch_size", batch_size)
+    check_int("epochs", epochs, allow_none=True)
     return _batches(_tokenize(tokenizer, dataset, max_length), batch_size, shuffle, seed, epochs)
 
 

@@ -210,7 +210,7 @@ def test_low_rank_targets_and_seeding():
     ],
 )
 def test_low_rank_task_validates_arguments(kwargs, argument):
-    with pytest.raises(ValueError, match=rf"{argument} must be .*got {re.escape(repr(next(iter(kwargs.values()))))}"):
+    with pytest.raises(ValueError, match=rf"{argument} must be .*got ({argument}=)?{re.escape(repr(next(iter(kwargs.values()))))}"):
         make_low_rank_task(**kwargs)
 
 
@@ -227,7 +227,7 @@ def test_embed_texts_ignores_padding():
     assert alone.shape == (1, model.config.hidden_size)
     torch.testing.assert_close(padded[:1], alone, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(padded[0], padded[1], atol=1e-2)
-    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got batch_size=0"):
         baseline.embed_texts(model, tokenizer, [short], batch_size=0)
 
 

@@ -127,14 +127,14 @@ def test_counts_equal_the_built_model(method, targets):
 def test_adamw8bit_states_equal_bitsandbytes():
     import bitsandbytes as bnb
 
-    from lora_course.memory import _optimizer_bytes
+    from lora_course.memory_estimate import optimizer_state_bytes
 
     params = [torch.nn.Parameter(torch.randn(*s)) for s in [(300, 100), (10,), (64, 64), (128, 257)]]
     opt = bnb.optim.AdamW8bit(params, lr=1e-3)
     sum(p.sum() for p in params).backward()
     opt.step()
     states = [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)]
-    assert _optimizer_bytes("adamw8bit", [p.numel() for p in params], torch.float32, False) == storage_bytes(states)
+    assert optimizer_state_bytes("adamw8bit", [p.numel() for p in params], torch.float32, False) == storage_bytes(states)
 
 
 def test_parameter_count_input():

@@ -11,7 +11,7 @@ import warnings
 import pytest
 import torch
 
-from lora_course.memory import _adam8bit_state_bytes
+from lora_course.memory_estimate import adam8bit_state_bytes
 from lora_course.optim8bit import (
     AdamW8bit,
     dequantize_blockwise_unsigned,
@@ -108,7 +108,7 @@ def test_paged_adamw8bit_on_cpu_is_the_same_computation():
 
 def test_state_bytes_match_memory_estimate():
     ours, _, oa, _ = _run(bnb.optim.AdamW8bit, steps=1)
-    assert oa.state_bytes() == _adam8bit_state_bytes(p.numel() for p in ours)
+    assert oa.state_bytes() == adam8bit_state_bytes(p.numel() for p in ours)
     n8 = sum(p.numel() for p in ours if p.numel() >= 4096)
     assert oa.state_bytes() < 2 * 4 * n8 * 0.3  # about a quarter of float32 moments
 

@@ -80,7 +80,7 @@ def test_train_validates_inputs():
     with pytest.raises(ValueError, match="no trainable parameters"):
         train(frozen, batch, lambda m, b: m(b).sum(), steps=1, progress=False)
     model = nn.Linear(4, 2)
-    with pytest.raises(ValueError, match="steps must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="steps must be an integer >= 1, got steps=0"):
         train(model, batch, lambda m, b: m(b).sum(), steps=0, progress=False)
     with pytest.raises(ValueError, match="optimizer='lion'.*adamw, adam, sgd"):
         train(model, batch, lambda m, b: m(b).sum(), steps=1, optimizer="lion", progress=False)
@@ -131,7 +131,7 @@ def test_one_epoch_covers_every_example_once(minilm, small_data):
     assert [len(b["labels"]) for b in batches] == [48] * 5 + [16]
     labels = torch.cat([b["labels"] for b in batches])
     assert sorted(labels.tolist()) == sorted(train_ds["label"])
-    with pytest.raises(ValueError, match="batch_size must be an int >= 1, got 0"):
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got batch_size=0"):
         next(classification_batches(tokenizer, train_ds, batch_size=0))
 
 

@@ -22,7 +22,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import provenance, write_results
-from ..data import DATA_DIR, SPLITS, _check_int, label_names, load_text_classification
+from ..checks import check_int
+from ..data import DATA_DIR, SPLITS, label_names, load_text_classification
 from ..models import minilm
 
 RESULTS_FILE = DATA_DIR / "results" / "baseline.json"
@@ -36,8 +37,8 @@ def embed_texts(
     model: nn.Module, tokenizer, texts: list[str], max_length: int = 32, batch_size: int = 64
 ) -> torch.Tensor:
     """Attention-masked mean of ``model``'s last hidden states: one (hidden,) row per text."""
-    _check_int("max_length", max_length, low=2)
-    _check_int("batch_size", batch_size)
+    check_int("max_length", max_length, low=2)
+    check_int("batch_size", batch_size)
     was_training, device = model.training, next(model.parameters()).device
     model.eval()
     rows = []

@@ -36,7 +36,8 @@ from ..data import DATA_DIR
 from . import provenance, write_results
 from ..lora import add_lora
 from ..measurements import gpu_description
-from ..memory import estimate_training_memory, track_peak_memory
+from ..memory_estimate import estimate_training_memory
+from ..memory_measure import track_peak_memory
 from ..models import reference_config
 from ..qlora import add_qlora
 

@@ -33,7 +33,7 @@ from . import provenance, write_results
 from ..data import DATA_DIR, label_names, load_text_classification
 from ..dora import add_dora
 from ..lora import add_lora, count_parameters
-from ..memory import track_peak_memory
+from ..memory_measure import track_peak_memory
 from ..models import minilm_classifier
 from ..train import classification_batches, evaluate_accuracy, train
 from ..variants import (DeltaLoRA, add_pissa, add_rslora, add_vera, apply_lora_pro, create_lorafa_optimizer,
