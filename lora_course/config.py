@@ -1,6 +1,6 @@
 """Course-wide set-up: the active profile, seeds and the device.
 
-Two profiles (see COURSE_DESIGN.md):
+Two profiles, one for each way of running the course:
 
 * ``offline`` (default): everything on CPU from files on disk; the Hugging Face
   libraries are told not to touch the network.

@@ -29,10 +29,10 @@ from lora_course.exercises import (
     fmt,
     run_check,
 )
-from lora_course.notebook_tools import (
+from lora_course.notebook_tools.cli import main
+from lora_course.notebook_tools.strip import (
     STUB_RAISE,
     exercise_pairs,
-    main,
     strip_solutions,
     strip_source,
     write_learner_copies,

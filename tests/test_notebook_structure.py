@@ -1,5 +1,6 @@
-"""Notebook conventions (COURSE_DESIGN.md) for every notebooks/[0-9]*.ipynb, and the tools
-that execute notebooks, record their run time and write the README table.
+"""The course's notebook conventions (lora_course.notebook_tools.structure) for every
+notebooks/[0-9]*.ipynb, and the tools that execute notebooks, record their run time and
+write the README table.
 
 The tool tests run the small fixture notebook with the real ``lora-course`` kernel.
 """
@@ -18,23 +19,17 @@ import pytest
 from nbformat.v4 import new_code_cell, new_notebook, new_output
 from nbval.plugin import get_sanitize_patterns
 
-from lora_course.notebook_tools import (
-    KERNEL_NAME,
-    NOTEBOOK_MAP,
-    TABLE_END,
-    TABLE_START,
+from lora_course.notebook_tools.cli import main
+from lora_course.notebook_tools.conventions import KERNEL_NAME, NOTEBOOK_MAP
+from lora_course.notebook_tools.execute import (
     NotebookExecutionError,
-    default_forbidden_paths,
     execute_notebook,
-    format_seconds,
     load_times,
     machine_info,
-    main,
-    notebook_problems,
     record_time,
-    render_table,
-    replace_table,
 )
+from lora_course.notebook_tools.readme_table import TABLE_END, TABLE_START, format_seconds, render_table, replace_table
+from lora_course.notebook_tools.structure import default_forbidden_paths, notebook_problems
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
@@ -137,7 +132,7 @@ def test_structure_problems_are_caught(executed: dict, tmp_path: Path, edit, nam
     assert any(expected in p for p in problems), problems
 
 
-def test_notebook_map_is_the_design_map() -> None:
+def test_notebook_map_numbers_and_slugs_are_fixed() -> None:
     assert len(NOTEBOOK_MAP) == 15
     assert [int(s[:2]) for s in NOTEBOOK_MAP] == list(range(15))
     assert all(re.fullmatch(r"\d\d_[a-z0-9_]+", s) for s in NOTEBOOK_MAP)
