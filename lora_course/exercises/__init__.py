@@ -1,0 +1,109 @@
+"""Self-checking exercises: ``check_*`` functions that run hidden cases and give hints.
+
+How an exercise works in a notebook
+-----------------------------------
+* The exercise cell is a code cell tagged ``exercise`` (cell metadata ``tags``). Its
+  solution sits between a ``# BEGIN SOLUTION`` and a ``# END SOLUTION`` comment line;
+  ``make exercises`` replaces that block with a stub in the learner copy
+  (see :mod:`lora_course.notebook_tools.strip` for the stub rule).
+* The next code cell calls one check with the learner's object, e.g.
+  ``check_linear_param_count(linear_param_count)``. It prints exactly one line:
+  ``PASS check_<name>: <k> hidden cases`` or ``NOT YET check_<name>: <hint>``.
+* Exercise cells must be self-contained apart from :data:`EXERCISE_PRELUDE`
+  (``import torch``, ``from torch import nn``, ``import lora_course``,
+  ``from lora_course import *``, ``from lora_course.exercises import *``): the tests exec
+  each exercise cell (solution, then stub) and its check cell in a fresh namespace holding
+  only those names. A notebook may define things earlier, but the exercise cell must
+  re-import or re-define what it needs, or receive it as an argument. The exercise cell
+  must also run without error in its stub form: define the function, do not call it there.
+
+The text a check prints is deterministic (no memory addresses, no timings, floats rounded
+to 4 significant digits), so notebooks that show it pass nbval on any machine. A check
+never raises because of the learner's code: an exception, a wrong answer or a leftover
+stub becomes a ``NOT YET`` line that names the failing input, the expected and the
+obtained value, and a nudge toward the idea.
+
+Where the checks live
+---------------------
+:mod:`.framework` holds the machinery (hidden cases, the registry, the runner, the
+deterministic formatting); ``chNN.py`` holds the checks that ``notebooks/NN_*.ipynb``
+calls, and :func:`chapter` finds that module by its number (``chapter(5)``). This package
+re-exports every public name, so ``from lora_course.exercises import check_xyz`` works
+for any check.
+
+Adding a check
+--------------
+In the chapter's module, write a generator of :class:`Case` objects (the expected values
+computed from a real reference, e.g. ``torch.nn.Linear`` or PEFT) and register a public
+function whose body is only its docstring::
+
+    def _my_cases() -> Iterator[Case]:
+        yield Case(args=(3,), expected=9)
+
+    @exercise_check("square", cases=_my_cases, idea="multiply the number by itself")
+    def check_square(fn: Callable[[int], int]) -> None:
+        \"\"\"Check ``fn(x) -> x * x``.\"\"\"
+
+The decorator supplies the behaviour (run the cases, print one line) and registers the
+check in :data:`CHECKS`, which the tests use to list every check; import the new check
+here too.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+from . import ch00, ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09, ch10, ch11, ch12, ch13, ch14
+from .ch00 import check_linear_param_count
+from .ch01 import check_lora_forward, check_lora_trainable_params, check_merge_weight
+from .ch02 import check_adapter_file_bytes, check_lora_config_trainable, check_peft_scaling
+from .ch03 import check_dequantize_blocks, check_nf4_levels, check_pack_nibbles
+from .ch04 import check_dequantize_absmax, check_lut_code_index, check_nf4_bits_per_param
+from .ch05 import check_nf4_input_grad, check_qlora_forward, check_qlora_layer_bytes
+from .ch06 import check_full_ft_bytes_per_param, check_peak_bytes
+from .ch07 import check_budget_schedule, check_sensitivity_ema, check_triplet_score
+from .ch08 import check_dora_forward, check_dora_magnitude_init, check_dora_merge
+from .ch09 import check_group_causal_mask, check_roll_second_half, check_to_groups
+from .ch10 import check_eckart_young_floor, check_equal_budget_rank
+from .ch11 import check_loraplus_param_groups, check_pissa_init, check_vera_forward
+from .ch12 import check_lora_ga_init
+from .ch13 import check_ddp_allreduce_bytes, check_zero_stage_bytes
+from .ch14 import check_int8_vectorwise, check_moment_update, check_outlier_split
+from .framework import (
+    CHECKS,
+    EXERCISE_PRELUDE,
+    EXPECTS,
+    STUB_MESSAGE,
+    Case,
+    ExerciseCheck,
+    compare_values,
+    exercise_check,
+    fmt,
+    format_report,
+    run_check,
+    seeded_tensors,
+)
+
+# Chapter number -> the module with that notebook's checks (notebooks/NN_*.ipynb).
+CHAPTERS: dict[int, ModuleType] = {
+    int(module.__name__.rpartition(".ch")[2]): module
+    for module in (ch00, ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09, ch10, ch11, ch12, ch13, ch14)
+}
+
+
+def chapter(number: int) -> ModuleType:
+    """The module holding the checks of notebook ``number`` (``chapter(5)``: those of ``05_qlora``).
+
+    Raises:
+        ValueError: if no notebook with that number has checks.
+    """
+    if isinstance(number, bool) or not isinstance(number, int) or number not in CHAPTERS:
+        raise ValueError(
+            f"number={number!r} has no chapter of checks; allowed values: {', '.join(map(str, CHAPTERS))}"
+        )
+    return CHAPTERS[number]
+
+
+# Star-imported into notebooks: only the runner and the checks, so no short generic names
+# shadow a learner's variables. Everything else is importable by name.
+__all__ = ["run_check"] + [f"check_{name}" for name in CHECKS]

@@ -1,0 +1,124 @@
+"""Chapter 01, LoRA from scratch: the checks that notebooks/01_lora_from_scratch.ipynb calls."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .framework import Case, exercise_check, seeded_tensors
+
+
+def _lora_forward_cases() -> Iterator[Case]:
+    import copy
+
+    from .. import LoRALinear
+
+    for seed, (d_in, d_out, r, alpha, bias, lead) in enumerate(
+        [(16, 8, 4, 8.0, True, (3,)), (32, 32, 8, 16.0, False, (2, 5)), (10, 20, 1, 1.0, True, (4,))]
+    ):
+        torch.manual_seed(seed)
+        base = nn.Linear(d_in, d_out, bias=bias)
+        A, B, x = seeded_tensors(seed, (r, d_in), (d_out, r), lead + (d_in,))
+        reference = LoRALinear(copy.deepcopy(base), r=r, alpha=alpha)
+        with torch.no_grad():
+            reference.lora_A.copy_(A)
+            reference.lora_B.copy_(B)
+            expected = reference(x)
+
+        def apply(cls: Any, base=base, A=A, B=B, x=x, r=r, alpha=alpha) -> torch.Tensor:
+            layer = cls(copy.deepcopy(base), r=r, alpha=alpha)
+            with torch.no_grad():
+                layer.lora_A.copy_(A)
+                layer.lora_B.copy_(B)
+                return layer(x)
+
+        yield Case(
+            expected=expected,
+            apply=apply,
+            label=f"layer(nn.Linear({d_in}, {d_out}, bias={bias}), r={r}, alpha={alpha}) on x of shape {lead + (d_in,)}",
+            hint=None if r > 1 else "the scaling is alpha / r; with r=1 it is alpha itself",
+        )
+
+
+@exercise_check(
+    "lora_forward",
+    cases=_lora_forward_cases,
+    idea="the output is the frozen layer's output plus the low-rank branch x -> A -> B, times self.scaling",
+)
+def check_lora_forward(layer_class: type) -> None:
+    """Check a LoRA layer class whose ``forward`` must equal ``lora_course.LoRALinear``'s."""
+
+
+def _lora_trainable_params_cases() -> Iterator[Case]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .. import add_lora, count_parameters
+
+    all_targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    configs = [
+        ("tiny Llama", dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2), 8, ["q_proj", "v_proj"]),
+        ("tiny Llama", dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2), 4, all_targets),
+        ("7B-shaped Llama", dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32), 8, ["q_proj", "v_proj"]),
+        ("8B-shaped Llama with GQA", dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8), 16, ["k_proj", "v_proj", "o_proj"]),
+        ("MLP only", dict(hidden_size=128, intermediate_size=344, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=8), 2, ["gate_proj", "up_proj", "down_proj"]),
+    ]
+    for label, fields, r, targets in configs:
+        config = LlamaConfig(vocab_size=1000, **fields)
+        with torch.device("meta"):
+            model = add_lora(LlamaForCausalLM(config), targets, r=r)
+        gqa = fields["num_key_value_heads"] < fields["num_attention_heads"]
+        yield Case(
+            args=(config, r, targets),
+            expected=count_parameters(model)[0],
+            label=f"{label}, r={r}, targets={targets}",
+            hint="k_proj and v_proj output num_key_value_heads * head_dim features, not hidden_size" if gqa and {"k_proj", "v_proj"} & set(targets) else None,
+        )
+
+
+@exercise_check(
+    "lora_trainable_params",
+    cases=_lora_trainable_params_cases,
+    idea="each adapted (in x out) layer adds r * (in + out); every decoder layer has one of each target",
+)
+def check_lora_trainable_params(fn: Callable[..., int]) -> None:
+    """Check ``fn(config, r, targets)`` against ``count_parameters(add_lora(...))`` on meta models."""
+
+
+def _merge_weight_cases() -> Iterator[Case]:
+    import copy
+
+    from transformers.pytorch_utils import Conv1D
+
+    from .. import LoRALinear
+
+    for seed, (kind, d_in, d_out, r, alpha) in enumerate(
+        [("linear", 16, 8, 4, 8.0), ("linear", 6, 6, 2, 1.0), ("conv1d", 6, 12, 3, 6.0)]
+    ):
+        torch.manual_seed(seed)
+        base = nn.Linear(d_in, d_out) if kind == "linear" else Conv1D(d_out, d_in)
+        layer = LoRALinear(copy.deepcopy(base), r=r, alpha=alpha)
+        A, B = seeded_tensors(seed, (r, d_in), (d_out, r))
+        with torch.no_grad():
+            layer.lora_A.copy_(A)
+            layer.lora_B.copy_(B)
+        layer.merge()
+        fan_in_fan_out = kind == "conv1d"
+        yield Case(
+            args=(base.weight.detach().clone(), A, B, alpha / r),
+            kwargs={"fan_in_fan_out": fan_in_fan_out},
+            expected=layer.base.weight.detach().clone(),
+            label=f"merge_weight({'Conv1D' if fan_in_fan_out else 'nn.Linear'} weight {tuple(base.weight.shape)}, r={r}, scaling={alpha / r:g}, fan_in_fan_out={fan_in_fan_out})",
+            hint="a Conv1D weight is (in x out): transpose the (out x in) update before adding it" if fan_in_fan_out else None,
+        )
+
+
+@exercise_check(
+    "merge_weight",
+    cases=_merge_weight_cases,
+    idea="the merged weight is W + scaling * (B @ A), in the layout the weight is stored in",
+)
+def check_merge_weight(fn: Callable[..., torch.Tensor]) -> None:
+    """Check ``fn(weight, lora_A, lora_B, scaling, fan_in_fan_out=False)`` against ``LoRALinear.merge``."""
