@@ -26,14 +26,8 @@ from .quant import (  # noqa: E402
     quantize_blockwise_8bit,
     quantize_nf4,
 )
-from .quant import (  # noqa: E402
-    Int8Linear,
-    Int8LoRALinear,
-    add_int8,
-    add_int8_lora,
-    dequantize_int8_vectorwise,
-    quantize_int8_vectorwise,
-)
+from .quant import Int8Linear, dequantize_int8_vectorwise, quantize_int8_vectorwise  # noqa: E402
+from .int8_lora import Int8LoRALinear, add_int8, add_int8_lora  # noqa: E402
 from .optim8bit import AdamW8bit  # noqa: E402
 
 __version__ = "0.1.0"

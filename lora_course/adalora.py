@@ -36,15 +36,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .lora import (
-    MergesIntoBase,
+from .lora import LOW_PRECISION_DTYPES, MergesIntoBase
+from .surgery import (
     ALL_LINEAR,
-    _LOW_PRECISION,
-    _conv1d_type,
-    _set_submodule,
     check_base_layer,
-    mark_trainable,
+    conv1d_type,
+    freeze_all_but_adapters,
     plan_adapter_targets,
+    replace_layers,
 )
 
 RANKNUM_EPS = 1e-5  # PEFT's guard in alpha / (ranknum + 1e-5)
@@ -85,13 +84,14 @@ class SVDLinear(MergesIntoBase, nn.Module):
     """
 
     cast_delta_on_unmerge = False  # PEFT's AdaLoRA subtracts the update without casting it
+    adapter_parameter_names = FACTORS  # what freeze_all_but_adapters leaves trainable (not ranknum)
 
     def __init__(self, base: nn.Module, r: int = 12, alpha: float = 8.0, dropout: float = 0.0) -> None:
         super().__init__()
         check_adalora_args(r, alpha, dropout)
         check_base_layer(base)
         self.base = base.requires_grad_(False)
-        self.fan_in_fan_out = isinstance(base, _conv1d_type())  # Conv1D stores W as (in, out)
+        self.fan_in_fan_out = isinstance(base, conv1d_type())  # Conv1D stores W as (in, out)
         w = base.weight.T if self.fan_in_fan_out else base.weight
         self.out_features, self.in_features = w.shape
         self.r, self.alpha = r, alpha
@@ -116,7 +116,7 @@ class SVDLinear(MergesIntoBase, nn.Module):
         nn.init.normal_(B, mean=0.0, std=0.02)
         w = self.base.weight  # to the base's device and dtype, then fp16/bf16 upcast (as LoRALinear)
         factors = [t.to(w.device, w.dtype) for t in (A, E, B)]
-        if w.dtype in _LOW_PRECISION:
+        if w.dtype in LOW_PRECISION_DTYPES:
             factors = [t.float() for t in factors]
         return tuple(factors)  # type: ignore[return-value]
 
@@ -173,13 +173,9 @@ def add_adalora(
     """
     check_adalora_args(init_r, alpha, dropout, arg="init_r")
     names, save_names = plan_adapter_targets(model, target_modules, modules_to_save, "AdaLoRA")
-    for name in names:  # named_modules order: PEFT's order, so the RNG stream is the same
-        _set_submodule(model, name, SVDLinear(model.get_submodule(name), init_r, alpha, dropout))
-    mark_trainable(model, save_names)  # freezes all, then unfreezes modules_to_save
-    for layer in svd_layers(model).values():
-        for factor in FACTORS:
-            getattr(layer, factor).requires_grad_(True)
-    return model
+    replace_layers(model, names,  # named_modules order: PEFT's order, so the RNG stream is the same
+                   build=lambda name, base: SVDLinear(base, init_r, alpha, dropout))
+    return freeze_all_but_adapters(model, save_names)  # Q, lambda, P and the modules_to_save train
 
 
 def orth_regularization(model: nn.Module) -> torch.Tensor:

@@ -49,15 +49,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import (
-    ALL_LINEAR,
-    LoRALinear,
-    _LOW_PRECISION,
-    _set_submodule,
-    check_lora_args,
-    mark_trainable,
-    plan_adapter_targets,
-)
+from .lora import LOW_PRECISION_DTYPES, LoRALinear, check_lora_args
+from .surgery import ALL_LINEAR, freeze_all_but_adapters, plan_adapter_targets, replace_layers
 
 __all__ = ["DoRALinear", "add_dora", "dora_layers"]
 
@@ -104,7 +97,7 @@ class DoRALinear(LoRALinear):
         """Row norms of ``W + s B A``, computed in the base dtype, stored in A's dtype."""
         W = self._weight()  # (out, in)
         A, B = self.lora_A, self.lora_B
-        if W.dtype in _LOW_PRECISION:  # PEFT runs this before upcasting A and B
+        if W.dtype in LOW_PRECISION_DTYPES:  # PEFT runs this before upcasting A and B
             lora_weight = (B.float() @ A.float()).to(W.dtype)
         else:
             lora_weight = B @ A  # (out, in); zero at init
@@ -233,7 +226,6 @@ def add_dora(
     """
     check_lora_args(r, alpha, dropout, "kaiming")
     names, save_names = plan_adapter_targets(model, target_modules, modules_to_save, "DoRA")
-    for name in names:  # named_modules order: PEFT's order, the same random-number stream
-        _set_submodule(model, name, DoRALinear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout))
-    mark_trainable(model, save_names)
-    return model
+    replace_layers(model, names,  # named_modules order: PEFT's order, the same random-number stream
+                   build=lambda name, base: DoRALinear(base, r=r, alpha=alpha, dropout=dropout))
+    return freeze_all_but_adapters(model, save_names)

@@ -1,4 +1,4 @@
-"""LoRA from scratch: the layer, injecting it into a model, merging it back, counting.
+"""LoRA from scratch: the layer, and adding it to a model, merging it back, counting.
 
 LoRA (Hu et al., 2021, arXiv:2106.09685) freezes a pretrained weight W (out x in) and
 learns a low-rank update instead:
@@ -10,58 +10,60 @@ B starts at zero, so the adapted model starts out equal to the pretrained one.
 Everything here follows PEFT's ``LoraConfig`` / ``lora.Linear`` semantics number for
 number (same initialisation, same random-number stream, same dtype rules, same order of
 floating-point operations), so results can be compared with ``torch.equal``. This file
-knows only about layers and module names; reading and writing adapters lives in
-``peft_io.py``.
-
-Model-level plumbing mirrors PEFT:
-
-* ``add_lora`` matches names as PEFT's ``check_target_module_exists``: a ``str`` is a
-  regular expression that must match the whole name (``re.fullmatch``), except the
-  shorthand ``"all-linear"``; a list matches a name equal to an entry or ending with
-  ``"." + entry``.
-* ``modules_to_save`` are matched as PEFT does (the name ends with the entry) and trained
-  in place. PEFT instead keeps a frozen original and trains a copy
-  (``ModulesToSaveWrapper``); :func:`count_parameters` counts that copy so that its
-  totals equal PEFT's ``get_nb_trainable_parameters()``.
+holds the layer's own math (PEFT's ``tuners/lora/layer.py``); which layers to adapt, how
+they are swapped in and what trains is model surgery, shared by every method, in
+``surgery.py`` (PEFT's ``model.py``); reading and writing adapters lives in ``peft_io.py``.
+The names of ``surgery`` that this module used to define are still importable from here.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
-import re
 import warnings
-from collections.abc import Iterable, Sequence
-from typing import Protocol, runtime_checkable
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .surgery import (  # several re-exported (see __all__): their old home was this module
+    ALL_LINEAR,
+    MODULES_TO_SAVE_FLAG,
+    MergeableAdapter,
+    UnsupportedLayerError,
+    adapter_layers,
+    check_base_layer,
+    clear_modules_to_save,
+    conv1d_type,
+    find_lora_targets,
+    find_modules_to_save,
+    freeze_all_but_adapters,
+    is_lora_target_type,
+    linear_layer_names,
+    modules_to_save_names,
+    plan_adapter_targets,
+    replace_layers,
+    swap_modules,
+)
+
+__all__ = [
+    # the LoRA layer
+    "INITS", "LOW_PRECISION_DTYPES", "LoRALinear", "MergesIntoBase", "check_lora_args", "check_lora_layer",
+    "draw_factors", "kaiming_uniform_factor", "lora_layers", "pissa_factors",
+    # adding, merging, counting
+    "add_lora", "count_parameters", "merge_lora", "wrap_layers", "mark_trainable",
+    # re-exported from surgery
+    "ALL_LINEAR", "MODULES_TO_SAVE_FLAG", "MergeableAdapter", "UnsupportedLayerError", "adapter_layers",
+    "check_base_layer", "find_lora_targets", "find_modules_to_save", "freeze_all_but_adapters",
+    "is_lora_target_type", "linear_layer_names", "modules_to_save_names", "plan_adapter_targets",
+]
+
 INITS = ("kaiming", "gaussian", "pissa")
-ALL_LINEAR = "all-linear"
-# Names PEFT checks for a classification head when the model has no output embedding
-# (PEFT's SEQ_CLS_HEAD_NAMES).
-# Set on each module listed in ``modules_to_save`` (trained in place, saved whole).
-MODULES_TO_SAVE_FLAG = "_lora_course_module_to_save"
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
-
-
-class UnsupportedLayerError(TypeError, ValueError):
-    """A layer LoRA cannot wrap. Both a ``TypeError`` (wrong type) and a ``ValueError``
-    (the course's error for bad input), so either ``except`` catches it."""
-
-
-def _conv1d_type() -> type:
-    """transformers' GPT-2 ``Conv1D`` (imported lazily: transformers is slow to import)."""
-    from transformers.pytorch_utils import Conv1D
-
-    return Conv1D
-
-
-def is_lora_target_type(module: nn.Module) -> bool:
-    """True for the layer types LoRALinear wraps: ``nn.Linear`` and GPT-2's ``Conv1D``."""
-    return isinstance(module, (nn.Linear, _conv1d_type()))
+#: dtypes whose adapter factors PEFT stores in float32 (``autocast_adapter_dtype=True``)
+LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
+#: the old name of :func:`~lora_course.surgery.freeze_all_but_adapters`
+mark_trainable = freeze_all_but_adapters
 
 
 def check_lora_args(r: int, alpha: float, dropout: float, init: str) -> None:
@@ -76,18 +78,49 @@ def check_lora_args(r: int, alpha: float, dropout: float, init: str) -> None:
         raise ValueError(f"init={init!r} is unknown; allowed values: {', '.join(INITS)}")
 
 
-def _kaiming_uniform(rows: int, cols: int) -> torch.Tensor:
+def check_lora_layer(base: nn.Module, r: int, alpha: float = 8.0, dropout: float = 0.0,
+                     init: str = "kaiming") -> None:
+    """Everything :class:`LoRALinear` checks before it changes anything: the arguments, the
+    layer type, and for ``init="pissa"`` the base weight's dtype and ``r <= min(in, out)``."""
+    check_lora_args(r, alpha, dropout, init)
+    check_base_layer(base)
+    if init == "pissa":
+        dtype = base.weight.dtype
+        if dtype not in (torch.float32, *LOW_PRECISION_DTYPES):
+            raise ValueError(f"init='pissa' needs a float32/float16/bfloat16 base weight, got {dtype}")
+        if r > min(base.weight.shape):
+            raise ValueError(f"init='pissa' needs r <= min(in, out) = {min(base.weight.shape)}, got r={r}")
+
+
+def kaiming_uniform_factor(rows: int, cols: int) -> torch.Tensor:
     """A (rows x cols) float32 tensor drawn like ``nn.Linear``'s default weight init."""
     w = torch.empty(rows, cols)  # default device and dtype, as nn.Linear(cols, rows)
     return nn.init.kaiming_uniform_(w, a=math.sqrt(5))
 
 
-def check_base_layer(base: nn.Module) -> None:
-    """Raise :class:`UnsupportedLayerError` unless ``base`` is an ``nn.Linear`` or a ``Conv1D``."""
-    if not is_lora_target_type(base):
-        raise UnsupportedLayerError(
-            f"base must be an nn.Linear or a transformers Conv1D, got {type(base).__name__}"
-        )
+def pissa_factors(weight: torch.Tensor, r: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(A (r x in), B (out x r), residual (out x in)) of PiSSA for a Linear ``weight`` (out x in).
+
+    PiSSA (arXiv 2404.02948, :mod:`lora_course.variants.pissa`): ``W = V diag(S) Uh``,
+    ``A = sqrt(S_r / s) Uh_r``, ``B = V_r sqrt(S_r / s)``, residual ``W - s B A``. The SVD runs
+    in float32 (as PEFT: another dtype can flip singular-vector signs); A and B are float32,
+    the residual is rounded once to ``weight``'s dtype.
+    """
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be a 2-D (out x in) matrix, got shape {tuple(weight.shape)}")
+    if not isinstance(r, int) or isinstance(r, bool) or not 1 <= r <= min(weight.shape):
+        raise ValueError(f"r must be an int between 1 and min(out, in) = {min(weight.shape)}, got {r!r}")
+    if not scaling > 0:
+        raise ValueError(f"scaling must be > 0, got {scaling!r}")
+    W = weight.to(torch.float32)
+    V, S, Uh = torch.linalg.svd(W, full_matrices=False)  # W = V diag(S) Uh
+    sqrt_s = (S[:r] / scaling).sqrt()  # (r,)
+    # LAPACK returns column-major factors; .contiguous() gives the row-major layout
+    # PEFT's diag matmuls produce (the layout changes a matmul's rounding, not the values)
+    A = (sqrt_s[:, None] * Uh[:r]).contiguous()  # (r, in) = diag(sqrt_s) @ Uh_r
+    B = (V[:, :r] * sqrt_s[None, :]).contiguous()  # (out, r) = V_r @ diag(sqrt_s)
+    residual = (W - scaling * B @ A).to(weight.dtype)  # (out, in)
+    return A, B, residual
 
 
 @torch.no_grad()
@@ -99,8 +132,8 @@ def draw_factors(r: int, in_features: int, out_features: int, init: str = "kaimi
     one seed gives PEFT's A exactly and leaves the RNG where PEFT does. ``init`` is
     ``"kaiming"`` (A kaiming-uniform, B zeros) or ``"gaussian"`` (A normal, std 1/r, B zeros).
     """
-    A = _kaiming_uniform(r, in_features)  # (r, in)
-    B = _kaiming_uniform(out_features, r)  # (out, r)
+    A = kaiming_uniform_factor(r, in_features)  # (r, in)
+    B = kaiming_uniform_factor(out_features, r)  # (out, r)
     if init == "kaiming":
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
     elif init == "gaussian":
@@ -174,7 +207,7 @@ class LoRALinear(MergesIntoBase, nn.Module):
     cast back to the base output's dtype.
     """
 
-    # the trainable tensors :func:`mark_trainable` unfreezes (subclasses such as DoRA add theirs)
+    # the trainable tensors surgery.freeze_all_but_adapters unfreezes (subclasses such as DoRA add theirs)
     adapter_parameter_names: tuple[str, ...] = ("lora_A", "lora_B")
 
     def __init__(
@@ -187,10 +220,9 @@ class LoRALinear(MergesIntoBase, nn.Module):
         use_rslora: bool = False,
     ) -> None:
         super().__init__()
-        check_lora_args(r, alpha, dropout, init)
-        check_base_layer(base)
+        check_lora_layer(base, r, alpha, dropout, init)  # before anything changes
         self.base = base.requires_grad_(False)
-        self.fan_in_fan_out = isinstance(base, _conv1d_type())  # Conv1D stores W as (in, out)
+        self.fan_in_fan_out = isinstance(base, conv1d_type())  # Conv1D stores W as (in, out)
         out_features, in_features = self._weight().shape
         self.in_features, self.out_features = in_features, out_features
         self.r, self.alpha, self.init, self.use_rslora = r, alpha, init, bool(use_rslora)
@@ -213,7 +245,7 @@ class LoRALinear(MergesIntoBase, nn.Module):
     def _initial_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.init == "pissa":
             # PEFT's nn.Linear constructors still draw from the RNG before the SVD init
-            _kaiming_uniform(self.r, self.in_features), _kaiming_uniform(self.out_features, self.r)
+            kaiming_uniform_factor(self.r, self.in_features), kaiming_uniform_factor(self.out_features, self.r)
             A, B = self._pissa_factors()
         else:
             A, B = draw_factors(self.r, self.in_features, self.out_features, self.init)
@@ -221,29 +253,21 @@ class LoRALinear(MergesIntoBase, nn.Module):
         # float32 (autocast_adapter_dtype=True): the values keep the base dtype's rounding.
         w = self.base.weight
         A, B = A.to(w.device, w.dtype), B.to(w.device, w.dtype)
-        if w.dtype in _LOW_PRECISION:
+        if w.dtype in LOW_PRECISION_DTYPES:
             A, B = A.float(), B.float()
         return A, B
 
     def _pissa_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """PiSSA's factors (:func:`lora_course.variants.pissa.pissa_factors`); the base weight
-        becomes the residual W - scaling B A."""
-        from .variants.pissa import pissa_factors  # the variant owns the math
-
-        dtype, r = self.base.weight.dtype, self.r
-        if dtype not in (torch.float32, *_LOW_PRECISION):
-            raise ValueError(f"init='pissa' needs a float32/float16/bfloat16 base weight, got {dtype}")
-        if r > min(self.in_features, self.out_features):
-            raise ValueError(f"init='pissa' needs r <= min(in, out) = "
-                             f"{min(self.in_features, self.out_features)}, got r={r}")
-        A, B, residual = pissa_factors(self._weight(), r, self.scaling)
+        """PiSSA's factors (:func:`pissa_factors`, checked by :func:`check_lora_layer`); the base
+        weight becomes the residual W - scaling B A."""
+        A, B, residual = pissa_factors(self._weight(), self.r, self.scaling)
         self.base.weight.data = residual.T if self.fan_in_fan_out else residual
         return A, B
 
     def delta_weight(self) -> torch.Tensor:
         """The update scaling * B @ A as an (out x in) tensor (a Linear weight's layout)."""
         A, B = self.lora_A, self.lora_B
-        if A.device.type == "cpu" and A.dtype in _LOW_PRECISION:
+        if A.device.type == "cpu" and A.dtype in LOW_PRECISION_DTYPES:
             # PEFT multiplies low-precision factors in float32 on CPU, then casts back
             return ((B.float() @ A.float()) * self.scaling).to(A.dtype)
         return (B @ A) * self.scaling  # (out, r) @ (r, in) -> (out, in)
@@ -266,196 +290,22 @@ class LoRALinear(MergesIntoBase, nn.Module):
         )
 
 
-@runtime_checkable
-class MergeableAdapter(Protocol):
-    """What :func:`merge_lora` needs from a wrapper (LoRA, QLoRA, DoRA, AdaLoRA's SVDLinear):
-    a method returning a plain layer that holds the merged weight."""
-
-    def merged_module(self) -> nn.Module: ...
-
-
-def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every adapter wrapper in ``model`` (any module with ``merged_module()``), by name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, MergeableAdapter)}
-
-
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
     """Every :class:`LoRALinear` in ``model``, by name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
 
 
-def linear_layer_names(model: nn.Module) -> list[str]:
-    """Names of every ``nn.Linear`` / ``Conv1D`` in ``model`` (in ``named_modules`` order)."""
-    return [name for name, m in model.named_modules() if name and is_lora_target_type(m)]
-
-
-def modules_to_save_names(model: nn.Module) -> list[str]:
-    """Names of the modules that :func:`add_lora` made trainable through ``modules_to_save``."""
-    return [name for name, m in model.named_modules() if getattr(m, MODULES_TO_SAVE_FLAG, False)]
-
-
-# -- name matching (PEFT's rules) -------------------------------------------------------
-
-
-def _output_head_name(model: nn.Module) -> str | None:
-    """The output head PEFT's "all-linear" leaves out: the output embedding (``lm_head``).
-
-    A model without one (a sequence classifier) keeps its ``classifier``/``score`` head among
-    the targets, as PEFT does with no ``task_type``; listing the head in ``modules_to_save``
-    (what PEFT's ``task_type="SEQ_CLS"`` does for you) trains it whole instead.
-    """
-    from transformers import PreTrainedModel
-
-    if not isinstance(model, PreTrainedModel):
-        return None
-    head = model.get_output_embeddings()
-    if head is None:
-        return None
-    return next((name for name, m in model.named_modules() if m is head), None)
-
-
-def _excluded_by_modules_to_save(name: str, modules_to_save: Sequence[str] | None) -> bool:
-    # PEFT never puts an adapter inside a module that is saved whole
-    return any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in modules_to_save or ())
-
-
-def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None  # a regex over the whole name
-    return name in target_modules or any(name.endswith("." + t) for t in target_modules)
-
-
-def _linear_names_hint(model: nn.Module) -> str:
-    names = linear_layer_names(model)
-    if not names:
-        return "the model has no nn.Linear or Conv1D layer"
-    short = sorted({n.rsplit(".", 1)[-1] for n in names})
-    full = ", ".join(names) if len(names) <= 40 else f"{', '.join(names[:40])}, ..."
-    return f"its linear layers are named {short} ({len(names)} in all: {full})"
-
-
-def _check_names_arg(value: object, arg: str, allow_str: bool) -> None:
-    is_list = isinstance(value, (list, tuple, set, frozenset)) and all(isinstance(v, str) for v in value)
-    if not (is_list or (allow_str and isinstance(value, str))):
-        kinds = "a list of module names"
-        if allow_str:
-            kinds = "a str (a regex, or 'all-linear') or " + kinds
-        raise ValueError(f"{arg} must be {kinds}, got {arg}={value!r}")
-
-
-def find_lora_targets(
-    model: nn.Module,
-    target_modules: str | Sequence[str] = ALL_LINEAR,
-    modules_to_save: Sequence[str] | None = None,
-    exclude_modules: str | Sequence[str] | None = None,
-) -> list[str]:
-    """Names of the modules PEFT would adapt for this ``target_modules`` (see module doc).
-
-    Raises:
-        ValueError: nothing matches (the message lists the model's linear layers), or a
-            matched module is not an ``nn.Linear`` / ``Conv1D``.
-    """
-    _check_names_arg(target_modules, "target_modules", allow_str=True)
-    named = [(n, m) for n, m in model.named_modules() if n]
-    if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
-        head = _output_head_name(model)
-        names = [n for n, m in named if is_lora_target_type(m) and n != head]
-    else:
-        names = [n for n, _ in named if _matches(n, target_modules)]
-    names = [n for n in names if not _excluded_by_modules_to_save(n, modules_to_save)]
-    if exclude_modules:
-        names = [n for n in names if not _matches(n, exclude_modules)]
-    if not names:
-        raise ValueError(
-            f"target_modules={target_modules!r} matched no module; {_linear_names_hint(model)}"
-        )
-    modules = dict(named)
-    wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not is_lora_target_type(modules[n])]
-    if wrong:
-        raise ValueError(
-            f"target_modules={target_modules!r} matched modules LoRALinear cannot wrap: "
-            f"{', '.join(wrong)}; only nn.Linear and Conv1D are supported; {_linear_names_hint(model)}"
-        )
-    return names
-
-
-def find_modules_to_save(
-    model: nn.Module, modules_to_save: Sequence[str] | None, strict: bool = True
-) -> list[str]:
-    """Names of the modules matched by ``modules_to_save`` (PEFT: the name ends with an entry).
-
-    With ``strict``, a ``ValueError`` if no entry matches and a warning for each entry that
-    matches nothing.
-    """
-    if modules_to_save is None:
-        return []
-    _check_names_arg(modules_to_save, "modules_to_save", allow_str=False)
-    every = [n for n, _ in model.named_modules(remove_duplicate=False) if n]
-    names = [n for n in every if any(n.endswith(t) for t in modules_to_save)]
-    if strict:
-        if modules_to_save and not names:
-            raise ValueError(f"modules_to_save={list(modules_to_save)!r} matched no module of the model")
-        unmatched = [t for t in modules_to_save if not any(n.endswith(t) for n in names)]
-        if unmatched:
-            warnings.warn(f"modules_to_save entries matched no module: {unmatched}", UserWarning,
-                          stacklevel=3)
-    return list(dict.fromkeys(names))
-
-
-# -- model-level operations ----------------------------------------------------------------
-
-
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, module)
-
-
 def wrap_layers(model: nn.Module, settings: dict[str, dict], dropout: float = 0.0,
-                init: str = "kaiming", use_rslora: bool = False) -> None:
-    """Replace each named layer by a LoRALinear, in ``named_modules`` order (PEFT's order,
-    which keeps the random-number stream the same). ``settings[name] = {"r": .., "alpha": ..}``."""
-    for name in settings:  # callers pass names in named_modules order
-        layer = LoRALinear(model.get_submodule(name), dropout=dropout, init=init,
-                           use_rslora=use_rslora, **settings[name])
-        _set_submodule(model, name, layer)
-
-
-def mark_trainable(model: nn.Module, modules_to_save: Iterable[str] = ()) -> None:
-    """Freeze everything except the LoRA factors and the ``modules_to_save`` (flagged)."""
-    model.requires_grad_(False)
-    for layer in lora_layers(model).values():
-        for name in layer.adapter_parameter_names:  # DoRA adds its magnitude
-            getattr(layer, name).requires_grad_(True)
-    for name in modules_to_save:
-        module = model.get_submodule(name)
-        module.requires_grad_(True)
-        setattr(module, MODULES_TO_SAVE_FLAG, True)
-
-
-def plan_adapter_targets(
-    model: nn.Module,
-    target_modules: str | Sequence[str],
-    modules_to_save: Sequence[str] | None,
-    kind: str = "LoRA",
-) -> tuple[list[str], list[str]]:
-    """The layers an ``add_*`` function wraps and the modules it trains whole, checked.
-
-    Shared by :func:`add_lora`, ``add_qlora``, ``add_dora`` and ``add_adalora``: refuses a model
-    that already has adapter layers, matches targets and ``modules_to_save`` by PEFT's rules,
-    and refuses a module that is both. Returns ``(target names, modules_to_save names)``.
-    """
-    if adapter_layers(model):
-        raise ValueError(
-            "model already has adapter layers (e.g. "
-            f"{next(iter(adapter_layers(model)))!r}); call merge_lora(model) first"
-        )
-    save_names = find_modules_to_save(model, modules_to_save)
-    names = find_lora_targets(model, target_modules, modules_to_save)
-    clash = [n for n in names
-             if any(n == s or n.startswith(s + ".") or s.startswith(n + ".") for s in save_names)]
-    if clash:
-        raise ValueError(f"modules {clash} are both {kind} targets and modules_to_save; pick one")
-    return names, save_names
+                init: str = "kaiming", use_rslora: bool = False) -> dict[str, LoRALinear]:
+    """Replace each named layer by a LoRALinear, all or nothing, in ``named_modules`` order
+    (PEFT's order, which keeps the random-number stream the same); returns the new layers.
+    ``settings[name] = {"r": .., "alpha": ..}``."""
+    return replace_layers(  # callers pass names in named_modules order
+        model, list(settings),
+        build=lambda name, base: LoRALinear(base, dropout=dropout, init=init, use_rslora=use_rslora,
+                                            **settings[name]),
+        check=lambda name, base: check_lora_layer(base, dropout=dropout, init=init, **settings[name]),
+    )
 
 
 def add_lora(
@@ -488,8 +338,7 @@ def add_lora(
     names, save_names = plan_adapter_targets(model, target_modules, modules_to_save, "LoRA")
     wrap_layers(model, {n: {"r": r, "alpha": alpha} for n in names}, dropout=dropout, init=init,
                 use_rslora=use_rslora)
-    mark_trainable(model, save_names)
-    return model
+    return freeze_all_but_adapters(model, save_names)
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -501,11 +350,8 @@ def merge_lora(model: nn.Module) -> nn.Module:
     """
     if isinstance(model, MergeableAdapter):
         return model.merged_module()
-    for name in list(adapter_layers(model)):  # outer names come first; none are nested
-        _set_submodule(model, name, model.get_submodule(name).merged_module())
-    for module in model.modules():
-        if hasattr(module, MODULES_TO_SAVE_FLAG):
-            delattr(module, MODULES_TO_SAVE_FLAG)
+    swap_modules(model, {name: layer.merged_module() for name, layer in adapter_layers(model).items()})
+    clear_modules_to_save(model)
     return model
 
 

@@ -1,6 +1,7 @@
 """PEFT's on-disk LoRA format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-This file knows names and shapes only; the math lives in ``lora.py``.
+This file knows names and shapes only; the math lives in ``lora.py``, the matching of module
+names in ``surgery.py``.
 
 State-dict keys, as PEFT's ``save_pretrained`` writes them (the adapter name "default"
 removed):
@@ -25,15 +26,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .lora import (
-    LoRALinear,
+from .lora import LoRALinear, lora_layers, wrap_layers
+from .surgery import (
     adapter_layers,
     find_lora_targets,
     find_modules_to_save,
-    lora_layers,
-    mark_trainable,
+    freeze_all_but_adapters,
     modules_to_save_names,
-    wrap_layers,
 )
 
 CONFIG_NAME = "adapter_config.json"
@@ -309,7 +308,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     init = PEFT_TO_INIT[config.get("init_lora_weights", True)]
     wrap_layers(model, settings, dropout=float(config.get("lora_dropout", 0.0)), init=init,
                 use_rslora=bool(config.get("use_rslora", False)))
-    mark_trainable(model, save)
+    freeze_all_but_adapters(model, save)
     with torch.no_grad():
         for name, layer in lora_layers(model).items():
             layer.lora_A.copy_(tensors[_lora_key(name, "A")])  # copy_ keeps our dtype, as PEFT

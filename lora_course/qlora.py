@@ -33,21 +33,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora import (
+from .lora import check_lora_args, draw_factors
+from .surgery import (
     ALL_LINEAR,
-    MODULES_TO_SAVE_FLAG,
-    _conv1d_type,
-    _set_submodule,
     adapter_layers,
     check_base_layer,
-    check_lora_args,
-    draw_factors,
+    conv1d_type,
+    freeze_all_but_adapters,
+    is_lora_target_type,
+    output_head_name,
     plan_adapter_targets,
+    replace_layers,
 )
 from .quant._checks import FLOAT_DTYPES, check_blocksize
 from .quant.nf4 import BLOCKSIZES_4BIT, NF4Weight, dequantize_nf4, quantize_nf4
 
-__all__ = ["NF4Linear", "Packed4bitParameter", "QLoRALinear", "add_qlora", "qlora_layers", "quantize_linear_layers"]
+__all__ = ["NF4Linear", "Packed4bitParameter", "QLoRALinear", "add_qlora", "check_nf4_base", "qlora_layers",
+           "quantize_linear_layers"]
 
 
 def check_qlora_args(r, alpha, dropout, blocksize, double_quant, compute_dtype) -> None:
@@ -64,6 +66,13 @@ def check_nf4_args(blocksize, double_quant, compute_dtype) -> None:
     if compute_dtype not in FLOAT_DTYPES:
         allowed = ", ".join(map(str, FLOAT_DTYPES))
         raise ValueError(f"compute_dtype={compute_dtype!r} is not allowed; allowed values: {allowed}")
+
+
+def check_nf4_base(base: nn.Module) -> None:
+    """The layer :class:`NF4Linear` quantizes: an ``nn.Linear`` / ``Conv1D`` with a float weight."""
+    check_base_layer(base)
+    if base.weight.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"base weight must be float32/float16/bfloat16, got {base.weight.dtype}")
 
 
 class Packed4bitParameter(nn.Parameter):
@@ -139,12 +148,10 @@ class NF4Linear(nn.Module):
     ) -> None:
         super().__init__()
         check_nf4_args(blocksize, double_quant, compute_dtype)
-        check_base_layer(base)
+        check_nf4_base(base)
         weight = base.weight.detach()
-        if isinstance(base, _conv1d_type()):
+        if isinstance(base, conv1d_type()):
             weight = weight.T.contiguous()  # Conv1D stores (in, out); quantize the (out, in) layout
-        if weight.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"base weight must be float32/float16/bfloat16, got {weight.dtype}")
         self.out_features, self.in_features = weight.shape
         self.blocksize, self.double_quant, self.compute_dtype = blocksize, double_quant, compute_dtype
         self.weight_shape, self.weight_dtype = torch.Size(weight.shape), weight.dtype
@@ -206,6 +213,8 @@ class QLoRALinear(NF4Linear):
     in float32 (A kaiming-uniform, B zeros, drawn as PEFT draws them). No floating (out x in)
     tensor is kept.
     """
+
+    adapter_parameter_names: tuple[str, ...] = ("lora_A", "lora_B")  # what trains
 
     def __init__(
         self,
@@ -293,19 +302,13 @@ def add_qlora(
     """
     check_qlora_args(r, alpha, dropout, blocksize, double_quant, compute_dtype)
     names, save_names = plan_adapter_targets(model, target_modules, modules_to_save, "QLoRA")
-    for name in names:  # named_modules order: PEFT's order of random draws
-        layer = QLoRALinear(model.get_submodule(name), r=r, alpha=alpha, dropout=dropout,
-                            blocksize=blocksize, double_quant=double_quant,
-                            compute_dtype=compute_dtype)
-        _set_submodule(model, name, layer)
-    model.requires_grad_(False)
-    for layer in qlora_layers(model).values():
-        layer.lora_A.requires_grad_(True)
-        layer.lora_B.requires_grad_(True)
-    for name in save_names:  # counted as PEFT counts its trained copy (see count_parameters)
-        module = model.get_submodule(name).requires_grad_(True)
-        setattr(module, MODULES_TO_SAVE_FLAG, True)
-    return model
+    replace_layers(  # named_modules order: PEFT's order of random draws
+        model, names,
+        build=lambda name, base: QLoRALinear(base, r=r, alpha=alpha, dropout=dropout, blocksize=blocksize,
+                                             double_quant=double_quant, compute_dtype=compute_dtype),
+        check=lambda name, base: check_nf4_base(base))
+    # the modules_to_save are counted as PEFT counts its trained copy (see count_parameters)
+    return freeze_all_but_adapters(model, save_names)
 
 
 def quantize_linear_layers(
@@ -324,8 +327,6 @@ def quantize_linear_layers(
     Raises:
         ValueError: a bad quantization argument or a ``skip_modules`` name that matches nothing.
     """
-    from .lora import _output_head_name, is_lora_target_type
-
     check_nf4_args(blocksize, double_quant, compute_dtype)
     if isinstance(skip_modules, str):
         skip_modules = [skip_modules]
@@ -333,14 +334,14 @@ def quantize_linear_layers(
     for skip in skip_modules:
         if not any(n == skip or n.endswith("." + skip) for n in names):
             raise ValueError(f"skip_modules entry {skip!r} matches no module of the model")
-    head = _output_head_name(model)
+    head = output_head_name(model)
     inside_adapters = [a + "." for a in adapter_layers(model)]  # e.g. a LoRALinear's base layer
     skipped = lambda n: (n == head or any(n == s or n.endswith("." + s) for s in skip_modules)  # noqa: E731
                          or any(n.startswith(a) for a in inside_adapters))
     targets = [n for n, m in model.named_modules()
                if n and is_lora_target_type(m) and not isinstance(m, NF4Linear) and not skipped(n)]
-    for name in targets:
-        layer = NF4Linear(model.get_submodule(name), blocksize=blocksize, double_quant=double_quant,
-                          compute_dtype=compute_dtype)
-        _set_submodule(model, name, layer.requires_grad_(False))
+    replace_layers(model, targets,
+                   build=lambda name, base: NF4Linear(base, blocksize=blocksize, double_quant=double_quant,
+                                                      compute_dtype=compute_dtype).requires_grad_(False),
+                   check=lambda name, base: check_nf4_base(base))
     return model

@@ -1,4 +1,4 @@
-"""LLM.int8() (quant/int8.py) against bitsandbytes 0.50's CPU Linear8bitLt, and LoRA on top vs PEFT.
+"""LLM.int8() (quant/int8.py, int8_lora.py) against bitsandbytes 0.50's CPU Linear8bitLt, and LoRA on top vs PEFT.
 
 Measured on bitsandbytes 0.50.2 / torch 2.13 (AVX-512 CPU): every comparison below is bit-equal
 (max abs difference 0.0) - quantized codes, scales, layer outputs in eval (int8 + outlier
@@ -14,12 +14,10 @@ import torch
 from torch import nn
 
 from lora_course import count_parameters
+from lora_course.int8_lora import Int8LoRALinear, add_int8, add_int8_lora
 from lora_course.quant.int8 import (
     INT8_MM_DEQUANT_SCALE,
     Int8Linear,
-    Int8LoRALinear,
-    add_int8,
-    add_int8_lora,
     dequantize_int8_vectorwise,
     int8_layers,
     outlier_columns,

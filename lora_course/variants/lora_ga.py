@@ -22,14 +22,16 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from ..lora import ALL_LINEAR, LoRALinear, _kaiming_uniform, _set_submodule, check_lora_args, mark_trainable, \
-    plan_adapter_targets
+from ..lora import LoRALinear, check_lora_args, kaiming_uniform_factor
+from ..surgery import ALL_LINEAR, freeze_all_but_adapters, plan_adapter_targets, replace_layers
 
 
 def estimate_gradients(model: nn.Module, target_names: Sequence[str], train_step: Callable[[], None]) -> dict[str, torch.Tensor]:
     """Mean dL/dW of each named layer over the backward passes ``train_step`` runs (only those
     weights get gradients meanwhile); the model's ``requires_grad`` flags are restored after."""
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    # not surgery.freeze_all_but_adapters: here the *base* weights train, for one estimate, and
+    # every flag is put back afterwards
     model.requires_grad_(False)
     layers = {n: model.get_submodule(n) for n in target_names}
     counts = dict.fromkeys(layers, 0)
@@ -58,12 +60,17 @@ def estimate_gradients(model: nn.Module, target_names: Sequence[str], train_step
     return grads
 
 
-def lora_ga_factors(grad: torch.Tensor, r: int, gamma: float = 16.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A (r x in), B (out x r)) of LoRA-GA from a Linear layer's gradient (out x in), float32."""
+def check_lora_ga_rank(grad: torch.Tensor, r: int) -> None:
+    """``grad`` must be 2-D (out x in) and ``r`` an int with 2r <= min(out, in); a ``ValueError`` if not."""
     if grad.ndim != 2:
         raise ValueError(f"grad must be a 2-D (out x in) matrix, got shape {tuple(grad.shape)}")
     if not isinstance(r, int) or isinstance(r, bool) or not 1 <= 2 * r <= min(grad.shape):
         raise ValueError(f"r must be an int with 2r <= min(out, in) = {min(grad.shape)}, got {r!r}")
+
+
+def lora_ga_factors(grad: torch.Tensor, r: int, gamma: float = 16.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A (r x in), B (out x r)) of LoRA-GA from a Linear layer's gradient (out x in), float32."""
+    check_lora_ga_rank(grad, r)
     U, S, V = torch.svd_lowrank(grad.to(torch.float32), q=min(4 * r, min(grad.shape)), niter=4)  # g ~ U S V^T
     A = V.T[:r]  # (r, in): the top r right singular vectors
     B = U[:, r:2 * r] * S[r:2 * r]  # (out, r): the next r left singular vectors, scaled
@@ -80,17 +87,24 @@ def add_lora_ga(model: nn.Module, gradients: dict[str, torch.Tensor], target_mod
     missing = [n for n in names if n not in gradients]
     if missing:
         raise ValueError(f"gradients has no entry for the targets {missing}; estimate them with estimate_gradients")
-    for name in names:  # named_modules order: PEFT's order, the same random-number stream
-        base = model.get_submodule(name)
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def build(name: str, base: nn.Module) -> LoRALinear:
         with torch.random.fork_rng():  # our constructor's own draws must not move the global stream
             layer = LoRALinear(base, r=r, alpha=alpha, dropout=dropout)
-        _kaiming_uniform(r, layer.in_features), _kaiming_uniform(layer.out_features, r)  # PEFT's constructors
+        # PEFT's two nn.Linear constructors draw these
+        kaiming_uniform_factor(r, layer.in_features), kaiming_uniform_factor(layer.out_features, r)
         A, B = lora_ga_factors(gradients[name], r, gamma)
         dtype = base.weight.dtype
-        A, B = A.to(dtype), B.to(dtype)
+        factors[name] = A, B = A.to(dtype), B.to(dtype)
         with torch.no_grad():
             layer.lora_A.data, layer.lora_B.data = A.clone(), B.clone()
-            base.weight.data = (base.weight.float() - layer.scaling * (B.float() @ A.float())).to(dtype)
-        _set_submodule(model, name, layer)
-    mark_trainable(model, save_names)
-    return model
+        return layer
+
+    # named_modules order: PEFT's order, the same random-number stream; every rank checked first
+    layers = replace_layers(model, names, build=build, check=lambda name, base: check_lora_ga_rank(gradients[name], r))
+    with torch.no_grad():  # the frozen weights absorb -s B A only once every layer is built
+        for name, layer in layers.items():
+            (A, B), w = factors[name], layer.base.weight
+            w.data = (w.float() - layer.scaling * (B.float() @ A.float())).to(w.dtype)
+    return freeze_all_but_adapters(model, save_names)

@@ -85,7 +85,7 @@ def create_lorafa_optimizer(model: nn.Module, lr: float = 1e-3, weight_decay: fl
         raise ValueError("model has no LoRA layers: add_lora first")
     partner: dict[int, tuple[torch.Tensor, float]] = {}
     for layer in layers.values():
-        layer.lora_A.requires_grad_(False)
+        layer.lora_A.requires_grad_(False)  # LoRA-FA's own rule (A frozen), on top of add_lora's
         partner[id(layer.lora_B)] = (layer.lora_A, layer.scaling)
     params = [p for p in model.parameters() if p.requires_grad]
     group = {"params": params, "lora_A": [partner.get(id(p), (None, None))[0] for p in params],

@@ -20,8 +20,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..lora import (ALL_LINEAR, MergesIntoBase, _set_submodule, check_base_layer, check_lora_args, mark_trainable,
-                    plan_adapter_targets)
+from ..lora import MergesIntoBase, check_lora_args
+from ..surgery import ALL_LINEAR, check_base_layer, freeze_all_but_adapters, plan_adapter_targets, replace_layers
 
 
 def vera_projections(r: int, in_features: int, out_features: int, key: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,6 +36,14 @@ def vera_projections(r: int, in_features: int, out_features: int, key: int = 0) 
     return A, kaiming(out_features, r)
 
 
+def check_vera_base(base: nn.Module) -> None:
+    """VeRA wraps ``nn.Linear`` layers only (:class:`~lora_course.surgery.UnsupportedLayerError`
+    for a type no adapter wraps, a ``ValueError`` for a ``Conv1D``)."""
+    if not isinstance(base, nn.Linear):
+        check_base_layer(base)
+        raise ValueError(f"VeRALinear wraps nn.Linear layers, got {type(base).__name__}")
+
+
 class VeRALinear(MergesIntoBase, nn.Module):
     """A frozen Linear plus VeRA's update ``lambda_b * (B[:out] (lambda_d * (A[:, :in] x)))``."""
 
@@ -45,9 +53,7 @@ class VeRALinear(MergesIntoBase, nn.Module):
                  d_initial: float = 0.1, dropout: float = 0.0) -> None:
         super().__init__()
         check_lora_args(r, 1.0, dropout, "kaiming")
-        if not isinstance(base, nn.Linear):
-            check_base_layer(base)
-            raise ValueError(f"VeRALinear wraps nn.Linear layers, got {type(base).__name__}")
+        check_vera_base(base)
         out_features, in_features = base.weight.shape
         if vera_A.shape[0] != r or vera_B.shape[1] != r or vera_A.shape[1] < in_features or vera_B.shape[0] < out_features:
             raise ValueError(f"vera_A must be (r={r} x >= {in_features}) and vera_B (>= {out_features} x r), "
@@ -84,11 +90,6 @@ def add_vera(model: nn.Module, target_modules: str | Sequence[str] = ALL_LINEAR,
     max_out, max_in = max(s[0] for s in shapes), max(s[1] for s in shapes)
     check_lora_args(r, 1.0, dropout, "kaiming")
     vera_A, vera_B = vera_projections(r, max_in, max_out, projection_prng_key)
-    for name in names:
-        _set_submodule(model, name, VeRALinear(model.get_submodule(name), vera_A, vera_B, r, d_initial, dropout))
-    mark_trainable(model, save_names)
-    for module in model.modules():
-        if isinstance(module, VeRALinear):
-            for pname in module.adapter_parameter_names:
-                getattr(module, pname).requires_grad_(True)
-    return model
+    replace_layers(model, names, build=lambda name, base: VeRALinear(base, vera_A, vera_B, r, d_initial, dropout),
+                   check=lambda name, base: check_vera_base(base))
+    return freeze_all_but_adapters(model, save_names)  # the two vectors of each layer and the modules_to_save
