@@ -317,9 +317,9 @@ def check_cuda() -> Check:
 
 def check_mps() -> Check:
     """Apple MPS availability (information only)."""
-    from .config import _mps_works
+    from .config import mps_works
 
-    return Check("MPS", INFO, "available" if _mps_works() else "not available")
+    return Check("MPS", INFO, "available" if mps_works() else "not available")
 
 
 def check_hub() -> Check:

@@ -119,7 +119,8 @@ def seed_everything(seed: int = 0, deterministic: bool = True) -> int:
     return seed
 
 
-def _mps_works() -> bool:
+def mps_works() -> bool:
+    """True if this torch build has a working Apple MPS device (a real op runs on it)."""
     import torch
 
     mps = getattr(torch.backends, "mps", None)
@@ -151,12 +152,12 @@ def pick_device(allow_mps: bool = True) -> "torch.device":
             )
         if override == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"{DEVICE_ENV}='cuda' but torch.cuda.is_available() is False")
-        if override == "mps" and not _mps_works():
+        if override == "mps" and not mps_works():
             raise ValueError(f"{DEVICE_ENV}='mps' but MPS is not available in this torch build")
         return torch.device(override)
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if allow_mps and _mps_works():
+    if allow_mps and mps_works():
         return torch.device("mps")
     return torch.device("cpu")
 

@@ -310,7 +310,7 @@ def estimate_training_memory(
         ValueError: unknown method or optimizer, r < 1, batch/seq_len < 1, a dtype that is
             not float32/float16/bfloat16, or a parameter count with lora/qlora.
     """
-    from .lora import find_lora_targets  # lora.py imports nothing from here; keep import cheap
+    from .surgery import find_lora_targets  # surgery imports nothing from the package
     from .quant.nf4 import BLOCKSIZES_4BIT
 
     if method not in METHODS:
@@ -394,9 +394,9 @@ def _dequantize_workspace(numel: int, d: int, blocksize: int) -> int:
     """Transient bytes of dequantizing the largest NF4 weight (:func:`~lora_course.quant.dequantize_nf4`):
     the (out x in) result in the weight's dtype, one chunk of int32 codes and float32 values
     (plus a float32 product when the dtype is not float32), and the float32 block absmax values."""
-    from .quant.nf4 import _CHUNK
+    from .quant.nf4 import DEQUANT_CHUNK
 
-    chunk = min(numel, _CHUNK)
+    chunk = min(numel, DEQUANT_CHUNK)
     return numel * d + chunk * (6 if d == 4 else 10) + 8 * math.ceil(numel / blocksize)
 
 

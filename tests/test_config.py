@@ -167,7 +167,7 @@ def test_pick_device_rejects_cuda_when_unavailable(monkeypatch):
         pick_device()
 
 
-@pytest.mark.skipif(config._mps_works(), reason="MPS is available on this machine")
+@pytest.mark.skipif(config.mps_works(), reason="MPS is available on this machine")
 def test_pick_device_rejects_mps_when_unavailable(monkeypatch):
     monkeypatch.setenv(DEVICE_ENV, "mps")
     with pytest.raises(ValueError, match="mps.*not available"):
@@ -176,7 +176,7 @@ def test_pick_device_rejects_mps_when_unavailable(monkeypatch):
 
 def test_pick_device_default_follows_the_hardware(monkeypatch):
     monkeypatch.delenv(DEVICE_ENV, raising=False)
-    expected = "cuda" if torch.cuda.is_available() else ("mps" if config._mps_works() else "cpu")
+    expected = "cuda" if torch.cuda.is_available() else ("mps" if config.mps_works() else "cpu")
     assert pick_device().type == expected
     assert pick_device(allow_mps=False).type != "mps"
 

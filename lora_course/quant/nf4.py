@@ -60,7 +60,8 @@ _first = torch.searchsorted(_NF4_BOUNDS.double(), _edges - 4.0 / _BINS, side="le
 assert float((_NF4_BOUNDS[1:] - _NF4_BOUNDS[:-1]).min()) > 6.0 / _BINS  # window: 3 bins
 _BIN_FIRST = _first.to(torch.int32)
 _BIN_THRESH = torch.cat([_NF4_BOUNDS, torch.tensor([float("inf")])])[_first]  # (256,) float32
-_CHUNK = 1 << 18  # values per step: the temporaries of one chunk stay in cache
+#: values dequantized (or quantized) per step: the temporaries of one chunk stay in cache
+DEQUANT_CHUNK = 1 << 18
 
 
 def _codes(s: torch.Tensor) -> torch.Tensor:
@@ -134,7 +135,7 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     inv = 1.0 / absmax.clamp(min=1e-38)  # (nb,) bitsandbytes scales full blocks by the reciprocal
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
     rows = packed[: full // 2].view(nb, blocksize // 2)  # (nb, bs/2) bytes of the full blocks
-    step = max(1, _CHUNK // blocksize)  # blocks per chunk (vectorised inside a chunk)
+    step = max(1, DEQUANT_CHUNK // blocksize)  # blocks per chunk (vectorised inside a chunk)
     for c in range(0, nb, step):
         q = _codes(blocks[c : c + step] * inv[c : c + step, None]).view(-1, 2)  # (chunk*bs/2, 2)
         rows[c : c + step] = (q[:, 0] * 16 + q[:, 1]).view(-1, blocksize // 2)  # high nibble first
@@ -188,7 +189,7 @@ def dequantize_nf4(
     nfull = full // blocksize
     rows = out[:full].view(nfull, blocksize)  # (full blocks, bs)
     am_full = am[:nfull]
-    step = max(1, _CHUNK // blocksize)
+    step = max(1, DEQUANT_CHUNK // blocksize)
     for c in range(0, nfull, step):
         codes = flat[c * blocksize // 2 : min(c + step, nfull) * blocksize // 2].to(torch.int32)
         vals = torch.index_select(pairs, 0, codes).view(-1, blocksize)  # (chunk, bs) float32
