@@ -27,15 +27,12 @@ from lora_course import (
     save_adapter,
 )
 from lora_course.adalora import magnitude_scores, svd_layers
+from lora_course.compare import max_abs_diff
 from lora_course.lora import adapter_layers
 from lora_course.models import tiny_gpt2, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 IDS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.detach().double() - b.detach().double()).abs().max().item()
 
 
 def peft_config(kw: dict, sched: dict, task_type: str | None = None, orth: float = 0.5) -> AdaLoraConfig:
@@ -86,8 +83,8 @@ def assert_equal_pairs(items, what: str) -> None:
     worst = 0.0
     for name, a, b in items:
         assert a.shape == b.shape, name
-        worst = max(worst, maxdiff(a, b))
-        assert torch.equal(a, b), f"{what} {name}: max |diff| {maxdiff(a, b):.3g}"
+        worst = max(worst, max_abs_diff(a, b))
+        assert torch.equal(a, b), f"{what} {name}: max |diff| {max_abs_diff(a, b):.3g}"
     return worst
 
 
@@ -113,7 +110,7 @@ def test_init_forward_grad_and_merge_match_peft(make):
     assert all(not layer.lora_E.any() for layer in svd_layers(ours).values())
     randomize_e(ours, peft_model, [])
     out, ref = ours(IDS).logits, peft_model(IDS).logits
-    assert torch.equal(out, ref), maxdiff(out, ref)
+    assert torch.equal(out, ref), max_abs_diff(out, ref)
     out.square().mean().backward()
     ref.square().mean().backward()
     assert_equal_pairs(pairs(ours, peft_model, [], grads=True), "grad")
@@ -122,7 +119,7 @@ def test_init_forward_grad_and_merge_match_peft(make):
     assert not adapter_layers(merged)
     for (n, p), (m, q) in zip(merged.named_parameters(), ref_merged.named_parameters()):
         assert n == m and torch.equal(p, q), n  # the same merged weights
-    diff = maxdiff(merged(IDS).logits, ref_merged(IDS).logits)
+    diff = max_abs_diff(merged(IDS).logits, ref_merged(IDS).logits)
     assert diff == 0
     print(f"\n{make.__name__}: init, forward, grads, merged weights and logits bit-identical")
 
@@ -139,7 +136,7 @@ def test_layer_basics_scaling_and_dropout():
     with torch.no_grad():
         layer.lora_E.fill_(1.0)
     expected = base(x) + x @ (layer.lora_A.T @ layer.lora_B.T) * 8.0 / (4 + 1e-5)
-    assert maxdiff(layer(x), expected) < 1e-6  # the formula (another summation order)
+    assert max_abs_diff(layer(x), expected) < 1e-6  # the formula (another summation order)
     d = SVDLinear(nn.Linear(10, 7), r=4, dropout=0.5)
     with torch.no_grad():
         d.lora_E.fill_(1.0)
@@ -159,7 +156,7 @@ def test_dropout_matches_peft_in_training():
     a = ours(IDS).logits
     torch.manual_seed(5)
     b = peft_model(IDS).logits
-    assert torch.equal(a, b), maxdiff(a, b)
+    assert torch.equal(a, b), max_abs_diff(a, b)
 
 
 # ---------------------------------------------------------------------- training side by side
@@ -171,7 +168,7 @@ def compare_allocators(ours_alloc: RankAllocator, peft_alloc, save) -> float:
                          (ours_alloc.exp_avg_unc, peft_alloc.exp_avg_unc)):
         assert set(f"{k}.default" for k in mine) == set(theirs)
         for k, v in mine.items():
-            assert torch.equal(v, theirs[f"{k}.default"]), (k, maxdiff(v, theirs[f"{k}.default"]))
+            assert torch.equal(v, theirs[f"{k}.default"]), (k, max_abs_diff(v, theirs[f"{k}.default"]))
     return 0.0
 
 
@@ -193,7 +190,7 @@ def run_side_by_side(ours, peft_model, sched, save, batches, orth_w, lr=5e-3):
         loss = out.loss + orth_w * orth  # what PEFT's forward adds to outputs.loss
         torch.manual_seed(100 + step)
         ref_loss = peft_model(**batch).loss
-        assert torch.equal(loss, ref_loss), (step, maxdiff(loss, ref_loss))
+        assert torch.equal(loss, ref_loss), (step, max_abs_diff(loss, ref_loss))
         loss.backward(), ref_loss.backward()
         assert_equal_pairs(pairs(ours, peft_model, save, grads=True), f"step {step} grad")
         opt.step(), ref_opt.step()
@@ -269,12 +266,12 @@ def test_orth_regularization_is_pefts_penalty():
     layers = svd_layers(ours).values()
     norms = [torch.linalg.matrix_norm(m.lora_A @ m.lora_A.T - torch.eye(5)) for m in layers]
     norms += [torch.linalg.matrix_norm(m.lora_B.T @ m.lora_B - torch.eye(5)) for m in layers]
-    assert maxdiff(value, torch.stack(norms).mean()) < 1e-6  # the mean of the (unsquared) norms
+    assert max_abs_diff(value, torch.stack(norms).mean()) < 1e-6  # the mean of the (unsquared) norms
     out = ours(IDS, labels=IDS)
     ref = peft_model(IDS, labels=IDS).loss
     assert torch.equal(out.loss + 0.7 * value, ref)  # PEFT: loss + orth_reg_weight * penalty
     # the penalty PEFT added, read back from its loss, is ours (to the rounding of one subtraction)
-    assert maxdiff((ref - out.loss) / 0.7, value) < 1e-5
+    assert max_abs_diff((ref - out.loss) / 0.7, value) < 1e-5
     peft_model.peft_config["default"].orth_reg_weight = 0.0
     assert torch.equal(peft_model(IDS, labels=IDS).loss, out.loss)
     # PEFT pitfall: without a task_type, PeftModel.forward bypasses AdaLoraModel.forward

@@ -19,6 +19,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from lora_course import DoRALinear, add_dora, count_parameters, merge_lora, save_adapter, load_adapter
+from lora_course.compare import max_abs_diff
 from lora_course.dora import dora_layers
 from lora_course.lora import UnsupportedLayerError, adapter_layers, modules_to_save_names
 from lora_course.models import tiny_gpt2, tiny_llama
@@ -26,10 +27,6 @@ from lora_course.models import tiny_gpt2, tiny_llama
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 IDS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.detach().double() - b.detach().double()).abs().max().item()
 
 
 def peft_config(kw: dict) -> LoraConfig:
@@ -140,11 +137,11 @@ def check_against_peft(ours: nn.Module, peft_model: nn.Module, kw: dict, inputs,
     out = forward(ours, inputs)
     torch.manual_seed(5)  # the same dropout masks
     ref_out = forward(peft_model, inputs)
-    fwd_diff = maxdiff(out, ref_out)
+    fwd_diff = max_abs_diff(out, ref_out)
     assert out.dtype == ref_out.dtype and torch.equal(out, ref_out)
     out.float().square().mean().backward()
     ref_out.float().square().mean().backward()
-    grads = {n: maxdiff(p.grad, pparams[peft_key(n, save)].grad)
+    grads = {n: max_abs_diff(p.grad, pparams[peft_key(n, save)].grad)
              for n, p in ours.named_parameters() if p.requires_grad}
     assert all(p.grad is not None and p.grad.abs().sum() > 0
                for n, p in ours.named_parameters() if n.endswith(("magnitude", "lora_A", "lora_B")))
@@ -159,7 +156,7 @@ def check_against_peft(ours: nn.Module, peft_model: nn.Module, kw: dict, inputs,
     assert not adapter_layers(merged)
     assert [type(m) for m in merged.modules()] == [type(m) for m in ref_merged.modules()]
     sd, ref_sd = merged.state_dict(), ref_merged.state_dict()
-    merge_diff = max(maxdiff(sd[k], ref_sd[k]) for k in sd)
+    merge_diff = max(max_abs_diff(sd[k], ref_sd[k]) for k in sd)
     assert sd.keys() == ref_sd.keys() and all(torch.equal(sd[k], ref_sd[k]) for k in sd)
     with torch.no_grad():
         merged_out = forward(merged, inputs)
@@ -168,7 +165,7 @@ def check_against_peft(ours: nn.Module, peft_model: nn.Module, kw: dict, inputs,
     # base dtype vs a correction added to the frozen output), so they agree to a few units of
     # that dtype's rounding relative to the size of the outputs; not bit for bit
     eps = torch.finfo(out.dtype).eps
-    merged_vs_unmerged = maxdiff(merged_out, unmerged)
+    merged_vs_unmerged = max_abs_diff(merged_out, unmerged)
     assert merged_vs_unmerged <= 32 * eps * unmerged.abs().max().item()
     print(f"\n[{label}] forward max|diff| = {fwd_diff}, grads (A, B, m) max|diff| = {grad_diff}, "
           f"merged weights max|diff| = {merge_diff}; merged vs unmerged = {merged_vs_unmerged:.3g}")
@@ -220,8 +217,8 @@ def test_norm_is_detached():
     out_det.square().mean().backward()
     out_full.square().mean().backward()
     torch.testing.assert_close(det.magnitude.grad, full.magnitude.grad, rtol=1e-6, atol=1e-7)
-    diff_A = maxdiff(det.lora_A.grad, full.lora_A.grad)
-    diff_B = maxdiff(det.lora_B.grad, full.lora_B.grad)
+    diff_A = max_abs_diff(det.lora_A.grad, full.lora_A.grad)
+    diff_B = max_abs_diff(det.lora_B.grad, full.lora_B.grad)
     assert diff_A > 1e-4 * full.lora_A.grad.abs().max().item()
     assert diff_B > 1e-4 * full.lora_B.grad.abs().max().item()
 

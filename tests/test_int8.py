@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lora_course import count_parameters
+from lora_course.compare import max_abs_diff
 from lora_course.int8_lora import Int8LoRALinear, add_int8, add_int8_lora
 from lora_course.quant.int8 import (
     INT8_MM_DEQUANT_SCALE,
@@ -35,10 +36,6 @@ def _bnb_linear(base: nn.Linear, threshold: float) -> nn.Module:
                                 has_fp16_weights=False, threshold=threshold)
     layer.load_state_dict(copy.deepcopy(base.state_dict()))
     return layer.to("cpu")
-
-
-def _maxdiff(a, b):
-    return (a.float() - b.float()).abs().max().item()
 
 
 # -- vector-wise quantization ---------------------------------------------------------------
@@ -125,10 +122,10 @@ def test_int8_linear_equals_linear8bitlt(threshold, bias, outliers, mode):
     ya, yb = ours(xa), ref(xb)
     assert torch.equal(ours.weight_absmax, ref.state.SCB)
     assert ya.shape == yb.shape == (3, 7, 80) and ya.dtype == yb.dtype == torch.float32
-    assert _maxdiff(ya, yb) == 0.0  # measured: bit-equal (the issue asks for <= 1e-4)
+    assert max_abs_diff(ya, yb) == 0.0  # measured: bit-equal (the issue asks for <= 1e-4)
     g = torch.randn_like(ya)
     ya.backward(g), yb.backward(g)
-    assert _maxdiff(xa.grad, xb.grad) == 0.0
+    assert max_abs_diff(xa.grad, xb.grad) == 0.0
     if outliers and threshold > 0 and mode == "eval":
         # the decomposition matters: without it the output is much further from float
         plain = Int8Linear(base, 0.0).eval()(x)
@@ -143,11 +140,11 @@ def test_int8_linear_float16_input_and_bias_conversion():
     ours, ref = Int8Linear(base, 6.0).eval(), _bnb_linear(base, 6.0).eval()
     x = (_inputs(True)[..., :64]).half()
     ya, yb = ours(x), ref(x)
-    assert ya.dtype == yb.dtype == torch.float16 and _maxdiff(ya, yb) == 0.0
+    assert ya.dtype == yb.dtype == torch.float16 and max_abs_diff(ya, yb) == 0.0
     # both converted the stored bias to float16 in place; a float32 call now uses the rounded bias
     assert ours.bias.dtype == ref.bias.dtype == torch.float16
     x32 = _inputs(True)[..., :64]
-    assert _maxdiff(ours(x32), ref(x32)) == 0.0
+    assert max_abs_diff(ours(x32), ref(x32)) == 0.0
 
 
 def test_int8_linear_is_frozen_and_small():
@@ -155,7 +152,7 @@ def test_int8_linear_is_frozen_and_small():
     assert not any(p.requires_grad for p in ours.parameters())
     assert ours.nbytes == 256 * 128 + 4 * 128  # 1 byte per weight + one float32 per row
     w = ours.dequantized_weight()
-    assert _maxdiff(w, nn.Linear(256, 128).weight) < 1  # shape/dtype sanity
+    assert max_abs_diff(w, nn.Linear(256, 128).weight) < 1  # shape/dtype sanity
     assert w.shape == (128, 256) and w.dtype == torch.float32
 
 
@@ -232,7 +229,7 @@ def test_minilm_int8_lora_equals_peft_one_step():
     labels = torch.tensor([0, 1])
     for model in (ours, pm):
         model.eval()
-    assert _maxdiff(ours(**batch).logits, pm(**batch).logits) == 0.0  # LLM.int8() path
+    assert max_abs_diff(ours(**batch).logits, pm(**batch).logits) == 0.0  # LLM.int8() path
     opts = [torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2) for m in (ours, pm)]
     for model, opt in zip((ours, pm), opts):
         model.train()  # bitsandbytes' CPU training path: dequantize + float matmul
@@ -241,12 +238,12 @@ def test_minilm_int8_lora_equals_peft_one_step():
         opt.step()
     for n, m in pairs:
         layer = pm.base_model.model.get_submodule(n)
-        assert _maxdiff(m.lora_A, layer.lora_A["default"].weight) == 0.0
-        assert _maxdiff(m.lora_B, layer.lora_B["default"].weight) == 0.0
+        assert max_abs_diff(m.lora_A, layer.lora_A["default"].weight) == 0.0
+        assert max_abs_diff(m.lora_B, layer.lora_B["default"].weight) == 0.0
         assert m.lora_A.grad.abs().sum() > 0
     for model in (ours, pm):
         model.eval()
-    assert _maxdiff(ours(**batch).logits, pm(**batch).logits) == 0.0
+    assert max_abs_diff(ours(**batch).logits, pm(**batch).logits) == 0.0
 
 
 def test_int8_lora_merge_and_errors():
@@ -259,7 +256,7 @@ def test_int8_lora_merge_and_errors():
     before = layer(x)
     merged = layer.merged_module()
     assert isinstance(merged, Int8Linear) and merged.weight.dtype == torch.int8
-    assert _maxdiff(merged(x), before) < 0.05  # one more int8 round trip: close, not equal
+    assert max_abs_diff(merged(x), before) < 0.05  # one more int8 round trip: close, not equal
     with pytest.raises(ValueError, match="Int8Linear"):
         Int8LoRALinear(nn.Linear(4, 4))
     with pytest.raises(ValueError, match="pissa"):

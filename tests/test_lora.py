@@ -18,6 +18,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lora_course import LoRALinear, add_lora, count_parameters, merge_lora
+from lora_course.compare import max_abs_diff
 from lora_course.lora import UnsupportedLayerError, lora_layers, modules_to_save_names
 from lora_course.models import tiny_gpt2, tiny_llama
 
@@ -25,10 +26,6 @@ PEFT_INIT = {"kaiming": True, "gaussian": "gaussian", "pissa": "pissa"}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 IDS = torch.randint(0, 512, (2, 12), generator=torch.Generator().manual_seed(0))
-
-
-def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.detach().double() - b.detach().double()).abs().max().item()
 
 
 def peft_config(kw: dict, task_type: str | None = None) -> LoraConfig:
@@ -127,10 +124,10 @@ def test_matches_peft(case):
     assert torch.equal(out, ref_out)
     out.float().square().mean().backward()
     ref_out.float().square().mean().backward()
-    grad_diff = max(maxdiff(p.grad, pparams[peft_key(n, save)].grad)
+    grad_diff = max(max_abs_diff(p.grad, pparams[peft_key(n, save)].grad)
                     for n, p in ours.named_parameters() if p.requires_grad)
     assert grad_diff == 0.0
-    print(f"\n[{case}] forward max|diff| = {maxdiff(out, ref_out)}, grads max|diff| = {grad_diff}")
+    print(f"\n[{case}] forward max|diff| = {max_abs_diff(out, ref_out)}, grads max|diff| = {grad_diff}")
 
     # merge_lora == merge_and_unload, weight for weight
     ours.eval(), peft_model.eval()
@@ -147,7 +144,7 @@ def test_matches_peft(case):
     # merged vs unmerged: the merged weight is rounded once to the base dtype, so the two
     # agree to a few units of that dtype's rounding, relative to the size of the logits
     eps = torch.finfo(out.dtype).eps
-    assert maxdiff(merged_out, unmerged) <= 16 * eps * unmerged.abs().max().item()
+    assert max_abs_diff(merged_out, unmerged) <= 16 * eps * unmerged.abs().max().item()
 
 
 @pytest.mark.parametrize("kw, task_type", [
@@ -205,7 +202,7 @@ def test_layer_basics_linear_and_conv1d():
         dense = base.weight.T if isinstance(base, Conv1D) else base.weight  # (out, in)
         assert torch.equal(layer.delta_weight(), (layer.lora_B @ layer.lora_A) * layer.scaling)
         expected = x @ (dense + layer.delta_weight()).T + base.bias
-        assert maxdiff(layer(x), expected) < 1e-5
+        assert max_abs_diff(layer(x), expected) < 1e-5
 
 
 def test_init_statistics():
@@ -228,7 +225,7 @@ def test_pissa_layer_reconstructs_the_weight():
     W = base.weight.detach().clone()
     layer = LoRALinear(base, r=6, alpha=3.0, init="pissa")
     # residual + scaling * B A gives back W, and the residual holds no energy in the top-r directions
-    assert maxdiff(layer.base.weight + layer.delta_weight(), W) < 1e-6
+    assert max_abs_diff(layer.base.weight + layer.delta_weight(), W) < 1e-6
     S = torch.linalg.svdvals(W)
     assert torch.allclose(torch.linalg.svdvals(layer.base.weight.detach())[:4], S[6:10], atol=1e-5)
 
@@ -289,16 +286,16 @@ def test_merge_unmerge_and_warnings():
         x = torch.randn(2, 16)
         before = layer(x)
         layer.merge()
-        assert layer.merged and maxdiff(layer(x), before) < 1e-5
+        assert layer.merged and max_abs_diff(layer(x), before) < 1e-5
         merged_W = base.weight.detach().clone()
         with pytest.warns(UserWarning, match="already merged"):
             layer.merge()
         assert torch.equal(base.weight, merged_W)  # the second merge changed nothing
         layer.unmerge()
-        assert not layer.merged and maxdiff(base.weight, W) < 1e-6
+        assert not layer.merged and max_abs_diff(base.weight, W) < 1e-6
         with pytest.warns(UserWarning, match="not merged"):
             layer.unmerge()
-        assert maxdiff(base.weight, W) < 1e-6
+        assert max_abs_diff(base.weight, W) < 1e-6
 
 
 def test_merge_lora_on_a_layer_and_on_any_wrapper():
@@ -309,7 +306,7 @@ def test_merge_lora_on_a_layer_and_on_any_wrapper():
     x = torch.randn(3, 8)
     expected = layer(x)
     plain = merge_lora(layer)
-    assert type(plain) is nn.Linear and maxdiff(plain(x), expected) < 1e-6
+    assert type(plain) is nn.Linear and max_abs_diff(plain(x), expected) < 1e-6
 
     class Doubler(nn.Module):
         """A different adapter wrapper: merge_lora only needs merged_module()."""
@@ -330,7 +327,7 @@ def test_merge_lora_on_a_layer_and_on_any_wrapper():
     expected = model(x)
     merge_lora(model)
     assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
-    assert maxdiff(model(x), expected) < 1e-6
+    assert max_abs_diff(model(x), expected) < 1e-6
 
 
 def test_count_parameters_small_model():

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from lora_course import count_parameters, merge_lora
+from lora_course.compare import max_abs_diff
 from lora_course.qlora import QLoRALinear, add_qlora
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -33,10 +34,6 @@ def _reference(base, q, blocksize, double_quant, compute_dtype, device="cpu"):
         layer.lora_A["default"].weight.copy_(q.lora_A)
         layer.lora_B["default"].weight.copy_(q.lora_B)
     return pm, layer
-
-
-def _maxdiff(a, b):
-    return (a.float() - b.float()).abs().max().item()
 
 
 # in_features a multiple of blocksize: bitsandbytes' AVX512 CPU dequantizer indexes the
@@ -66,10 +63,10 @@ def test_matches_peft_on_bnb_linear4bit(out_f, in_f, blocksize, double_quant, co
     y1.backward(g)
     y2.backward(g)
     assert y1.dtype == y2.dtype == torch.float32
-    assert _maxdiff(y1, y2) == 0.0
-    assert _maxdiff(x1.grad, x2.grad) == 0.0
-    assert _maxdiff(q.lora_A.grad, layer.lora_A["default"].weight.grad) == 0.0
-    assert _maxdiff(q.lora_B.grad, layer.lora_B["default"].weight.grad) == 0.0
+    assert max_abs_diff(y1, y2) == 0.0
+    assert max_abs_diff(x1.grad, x2.grad) == 0.0
+    assert max_abs_diff(q.lora_A.grad, layer.lora_A["default"].weight.grad) == 0.0
+    assert max_abs_diff(q.lora_B.grad, layer.lora_B["default"].weight.grad) == 0.0
     assert count_parameters(nn.Sequential(q)) == pm.get_nb_trainable_parameters()
 
 
@@ -205,7 +202,7 @@ def test_quantize_linear_layers_equals_bitsandbytes_4bit_loading(minilm):
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
     batch = tokenizer(["read a file from disk", "open a socket"], return_tensors="pt", padding=True)
-    assert _maxdiff(ref(**batch).logits, ours(**batch).logits) == 0.0
+    assert max_abs_diff(ref(**batch).logits, ours(**batch).logits) == 0.0
     # PEFT counts a Params4bit's packed bytes twice (two 4-bit values per byte), as we do
     assert count_parameters(ours)[1] == sum(p.numel() * (2 if isinstance(p, bnb.nn.Params4bit) else 1)
                                             for p in ref.parameters())
@@ -250,7 +247,7 @@ def test_qlora_minilm_equals_bitsandbytes_peft_model(minilm):
     assert losses[0].item() == losses[1].item()
     for name, layer in qlora_layers(ours).items():
         peft_layer = ref.base_model.model.get_submodule(name)
-        assert _maxdiff(layer.lora_A.grad, peft_layer.lora_A["default"].weight.grad) == 0.0
-        assert _maxdiff(layer.lora_B.grad, peft_layer.lora_B["default"].weight.grad) == 0.0
+        assert max_abs_diff(layer.lora_A.grad, peft_layer.lora_A["default"].weight.grad) == 0.0
+        assert max_abs_diff(layer.lora_B.grad, peft_layer.lora_B["default"].weight.grad) == 0.0
     head = ref.base_model.model.classifier.modules_to_save["default"]
-    assert _maxdiff(ours.classifier.weight.grad, head.weight.grad) == 0.0
+    assert max_abs_diff(ours.classifier.weight.grad, head.weight.grad) == 0.0
