@@ -36,6 +36,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .checks import check_prob
 from .lora import LOW_PRECISION_DTYPES, MergesIntoBase
 from .surgery import (
     ALL_LINEAR,
@@ -198,11 +199,6 @@ def orth_regularization(model: nn.Module) -> torch.Tensor:
     return total / count  # type: ignore[return-value]
 
 
-def _check_prob(name: str, value: object) -> None:
-    if not _is_real(value) or not 0 < value < 1:
-        raise ValueError(f"{name} must be a number in (0, 1) (an EMA coefficient), got {name}={value!r}")
-
-
 class RankAllocator:
     """Importance scores and the shrinking rank budget (PEFT's ``RankAllocator`` +
     ``AdaLoraModel.update_and_allocate``).
@@ -247,8 +243,8 @@ class RankAllocator:
                              f"tinit={tinit}, tfinal={tfinal}, total_step={total_step}")
         if not _is_int(deltaT) or deltaT < 1:
             raise ValueError(f"deltaT must be an int >= 1 (steps between allocations), got deltaT={deltaT!r}")
-        _check_prob("beta1", beta1)
-        _check_prob("beta2", beta2)
+        check_prob("beta1", beta1)
+        check_prob("beta2", beta2)
         layers = svd_layers(model)
         if not layers:
             raise ValueError("the model has no SVDLinear layers; call add_adalora(model, ...) first")

@@ -37,7 +37,7 @@ from collections.abc import Iterable
 
 import torch
 
-from .quant._checks import check_blocksize
+from .checks import check_blocksize
 from .quant.double_quant import (
     BLOCKSIZES_8BIT,
     code_lut,

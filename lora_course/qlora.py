@@ -45,7 +45,7 @@ from .surgery import (
     plan_adapter_targets,
     replace_layers,
 )
-from .quant._checks import FLOAT_DTYPES, check_blocksize
+from .checks import FLOAT_DTYPES, check_blocksize
 from .quant.nf4 import BLOCKSIZES_4BIT, NF4Weight, dequantize_nf4, quantize_nf4
 
 __all__ = ["NF4Linear", "Packed4bitParameter", "QLoRALinear", "add_qlora", "check_nf4_base", "qlora_layers",

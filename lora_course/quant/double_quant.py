@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ._checks import check_blocksize, check_float_tensor
+from ..checks import check_blocksize, check_float_tensor
 
 BLOCKSIZES_8BIT = (64, 128, 256, 512, 1024, 2048, 4096)
 LUT_SIZE = 65536

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_float_tensor
+from ..checks import check_float_tensor
 
 INT8_SCALE = 127.0
 #: bitsandbytes' int32 -> float rescale constant (note: 1/127**2 would be 6.2000124e-05)

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from ._checks import FLOAT_DTYPES, check_blocksize, check_float_tensor
+from ..checks import FLOAT_DTYPES, check_blocksize, check_float_tensor
 from .double_quant import dequantize_blockwise_8bit, quantize_blockwise_8bit
 
 BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
