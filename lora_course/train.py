@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 from tqdm import tqdm  # plain tqdm (stderr): tqdm.auto needs ipywidgets in notebooks
 
-from .checks import check_int
+from .checks import check_int, check_real
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,
@@ -239,3 +240,222 @@ def train_classifier(
 
     return train(model, batches, loss_fn, steps, lr=lr, eval_fn=None if val_ds is None else eval_fn,
                  eval_every=eval_every, progress=progress)
+
+
+# ----------------------------------------------------------------------------- the protocol
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """The one training protocol behind every accuracy comparison of the course.
+
+    AdamW on the trainable parameters, a linear warm-up over ``warmup_steps`` then a linear
+    decay to 0 at ``max_steps``; validation (and test) accuracy every ``eval_every`` steps;
+    training stops when validation accuracy has not set a new best for ``patience``
+    evaluations in a row (a plateau) or at ``max_steps``. The reported test accuracy is the
+    one measured at the best-validation step (the earliest, on ties), so the test split
+    never chooses anything (it is evaluated only where validation sets a new best).
+    """
+
+    batch_size: int = 32
+    max_length: int = 32
+    max_steps: int = 2000
+    eval_every: int = 50
+    patience: int = 6
+    warmup_steps: int = 50
+    weight_decay: float = 0.01
+    group_by_length: int = 16  # batches per length-sorted pool (0: plain shuffled batches)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_steps", "eval_every", "patience"):
+            check_int(name, getattr(self, name))
+        check_int("max_length", self.max_length, low=2)
+        check_int("warmup_steps", self.warmup_steps, low=0)
+        if self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps must be < max_steps={self.max_steps}, got warmup_steps={self.warmup_steps}")
+        check_real("weight_decay", self.weight_decay, low=0)
+        check_int("group_by_length", self.group_by_length, low=0)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The settings, for the ``"protocol"`` entry of a results file."""
+        return {**asdict(self), "optimizer": "AdamW", "schedule": "linear warm-up, then linear decay to 0 at max_steps",
+                "stop": "validation accuracy without a new best for `patience` evaluations, or max_steps",
+                "reported": "test accuracy at the best-validation step (earliest on ties)",
+                "batches": "each epoch shuffled, then cut into pools of `group_by_length` batches whose texts are "
+                           "sorted by length (less padding; the order of the batches is shuffled again)"}
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the peak learning rate at optimizer step ``step`` (1-based)."""
+        if step <= self.warmup_steps:
+            return step / self.warmup_steps
+        return max(0.0, (self.max_steps - step) / (self.max_steps - self.warmup_steps))
+
+
+@dataclass
+class ProtocolRun:
+    """What :func:`fit` measured: the curves ``[[step, accuracy], ...]`` and the verdict."""
+
+    steps: int
+    val_curve: list[list[float]]
+    test_curve: list[list[float]]  # [step, test accuracy] at each step where validation set a new best
+    loss_curve: list[list[float]]  # [step, mean training loss over the last eval_every steps]
+    best_step: int
+    best_val_accuracy: float
+    test_accuracy: float
+    stopped: str  # "plateau" or "max_steps"
+    seconds: float
+
+    def record(self) -> dict[str, Any]:
+        """The run as a results-file record (rounded to 4 decimals)."""
+        r4 = lambda curve: [[int(s), round(float(a), 4)] for s, a in curve]  # noqa: E731
+        return {"steps": self.steps, "val_curve": r4(self.val_curve), "test_curve": r4(self.test_curve),
+                "loss_curve": r4(self.loss_curve), "best_step": self.best_step,
+                "best_val_accuracy": round(self.best_val_accuracy, 4), "test_accuracy": round(self.test_accuracy, 4),
+                "stopped": self.stopped, "seconds": round(self.seconds, 1)}
+
+
+def length_grouped_batches(data: dict[str, torch.Tensor], batch_size: int, pool: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Endless training batches: each epoch is shuffled (generator seeded with ``seed``), cut
+    into pools of ``pool`` batches, each pool sorted by text length and cut into batches, and
+    the batches of the epoch shuffled again; ``pool=0`` gives plain shuffled batches.
+    Similar lengths in a batch mean less padding, hence less compute (transformers'
+    ``group_by_length`` does the same)."""
+    if pool == 0:
+        yield from _batches(data, batch_size, True, seed, None)
+        return
+    gen = torch.Generator().manual_seed(seed)
+    lengths = data["attention_mask"].sum(1)
+    n = len(lengths)
+    while True:
+        order = torch.randperm(n, generator=gen)
+        chunks = []
+        for start in range(0, n, batch_size * pool):
+            part = order[start : start + batch_size * pool]
+            part = part[torch.argsort(lengths[part], descending=True, stable=True)]
+            chunks += [part[i : i + batch_size] for i in range(0, len(part), batch_size)]
+        for i in torch.randperm(len(chunks), generator=gen).tolist():
+            yield _batch(data, chunks[i])
+
+
+@torch.no_grad()
+def tokenized_accuracy(model: nn.Module, data: dict[str, torch.Tensor], batch_size: int = 128) -> float:
+    """Accuracy of ``model``'s argmax on tokenized ``data`` (eval mode, rows taken in order of
+    length so batches carry little padding); the model's mode is restored after."""
+    was_training, device = model.training, next(model.parameters()).device
+    order = torch.argsort(data["attention_mask"].sum(1), stable=True)
+    correct = 0
+    model.eval()
+    try:
+        for start in range(0, len(order), batch_size):
+            batch = _to_device(_batch(data, order[start : start + batch_size]), device)
+            labels = batch.pop("labels")
+            correct += int((model(**batch).logits.argmax(-1) == labels).sum())
+    finally:
+        model.train(was_training)
+    return correct / len(order)
+
+
+def plateaued(val_curve: Sequence[Sequence[float]], patience: int) -> bool:
+    """Whether a validation curve ends on a plateau: its best point (the earliest maximum) is
+    followed by at least ``patience`` evaluations, none of them higher."""
+    values = [float(a) for _, a in val_curve]
+    if not values:
+        return False
+    best = values.index(max(values))
+    return len(values) - 1 - best >= patience
+
+
+def fit(
+    model: nn.Module,
+    tokenizer: Any,
+    splits: Any,
+    lr: float,
+    seed: int = 0,
+    protocol: Protocol = Protocol(),
+    make_optimizer: Callable[[nn.Module, float, float], torch.optim.Optimizer] | None = None,
+    extra_loss: Callable[[nn.Module], torch.Tensor] | None = None,
+    before_step: Callable[[int], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
+    min_steps: int = 0,
+    progress: bool = True,
+    desc: str = "fit",
+) -> ProtocolRun:
+    """Train ``model`` on ``splits["train"]`` under ``protocol`` at peak learning rate ``lr``.
+
+    Args:
+        model: a classifier whose ``forward(**batch)`` returns ``.loss`` and ``.logits``;
+            what requires grad is trained.
+        splits: a mapping with ``"train"``, ``"val"`` and ``"test"`` datasets (``text``, ``label``).
+        seed: seeds torch first (head and adapter draws made before are the caller's), and
+            the batch order.
+        make_optimizer: ``(model, lr, weight_decay) -> optimizer`` for methods with their own
+            optimizer (LoRA+, LoRA-FA); default AdamW on the trainable parameters. The
+            schedule scales every parameter group's initial ``lr`` by :meth:`Protocol.lr_factor`.
+        extra_loss: added to the loss (AdaLoRA's orthogonality penalty).
+        before_step / after_step: called with the step number around ``optimizer.step()``
+            (LoRA-Pro's gradient rewrite; Delta-LoRA's base update, AdaLoRA's rank allocation).
+        min_steps: no early stop before this step (a method with its own schedule, such as
+            AdaLoRA's rank budget, is not stopped before the schedule has run).
+    """
+    check_real("lr", lr, low=0, low_open=True)
+    check_int("seed", seed, low=0)
+    check_int("min_steps", min_steps, low=0)
+    torch.manual_seed(seed)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model has no trainable parameters (requires_grad=True): unfreeze some or add an adapter")
+    opt = (make_optimizer(model, lr, protocol.weight_decay) if make_optimizer is not None
+           else torch.optim.AdamW(params, lr=lr, weight_decay=protocol.weight_decay))
+    inner = getattr(opt, "inner", opt)
+    peak = [group["lr"] for group in inner.param_groups]
+    device = params[0].device
+    data = _tokenize(tokenizer, splits["train"], protocol.max_length)
+    batches = length_grouped_batches(data, protocol.batch_size, protocol.group_by_length, seed)
+    held_out = {split: _tokenize(tokenizer, splits[split], protocol.max_length) for split in ("val", "test")}
+
+    def accuracy(split: str) -> float:
+        return tokenized_accuracy(model, held_out[split])
+
+    val_curve, test_curve, loss_curve, window = [], [], [], []
+    best_val, best_step, since_best, stopped = -1.0, 0, 0, "max_steps"
+    start, was_training = time.perf_counter(), model.training
+    model.train()
+    bar = tqdm(total=protocol.max_steps, desc=desc, disable=not progress, file=sys.stderr, mininterval=5.0)
+    try:
+        for step in range(1, protocol.max_steps + 1):
+            for group, base_lr in zip(inner.param_groups, peak):
+                group["lr"] = base_lr * protocol.lr_factor(step)
+            batch = _to_device(next(batches), device)
+            loss = model(**batch).loss
+            if extra_loss is not None:
+                loss = loss + extra_loss(model)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if before_step is not None:
+                before_step(step)
+            opt.step()
+            if after_step is not None:
+                after_step(step)
+            window.append(loss.item())
+            bar.update(1)
+            if step % protocol.eval_every == 0:
+                val = accuracy("val")
+                val_curve.append([step, val])
+                loss_curve.append([step, sum(window) / len(window)])
+                window = []
+                if val > best_val:  # test only where validation sets a new best: all the report needs
+                    test_curve.append([step, accuracy("test")])
+                    best_val, best_step, since_best = val, step, 0
+                else:
+                    since_best += 1
+                bar.set_postfix(val=f"{val:.3f}", best=f"{best_val:.3f}@{best_step}", refresh=False)
+                if since_best >= protocol.patience and step >= min_steps:
+                    stopped = "plateau"
+                    break
+    finally:
+        bar.close()
+        model.train(was_training)
+    test_at_best = dict((s, a) for s, a in test_curve)[best_step] if best_step else float("nan")
+    return ProtocolRun(steps=step, val_curve=val_curve, test_curve=test_curve, loss_curve=loss_curve,
+                       best_step=best_step, best_val_accuracy=best_val, test_accuracy=test_at_best,
+                       stopped=stopped, seconds=time.perf_counter() - start)

@@ -1,0 +1,326 @@
+"""The converged comparisons: every accuracy comparison of the course, trained to a plateau
+under the one protocol, each configuration at its own learning rate chosen on validation
+and repeated over 3 seeds at that rate.
+
+All runs fine-tune the pretrained MiniLM-L6 with a linear head on mean-pooled features
+(:func:`~lora_course.models.minilm_mean_pooled`, the features of the frozen probe in
+``data/results/baseline.json``) on the shipped text-classification data, under
+:class:`~lora_course.train.Protocol` (:func:`~lora_course.train.fit`), and are chosen and
+repeated by :class:`~lora_course.experiments.tuning.Suite`. The head trains whole in every
+method (``modules_to_save=["head"]``).
+
+Studies (one results file each, written to ``data/results/in_progress/`` while runs are
+missing and moved to ``data/results/<study>.json`` once complete):
+
+* ``rank_sweep``: LoRA on query/value at r in {1, 4, 8, 16, 64} (alpha = 16, scaling 16/r,
+  PEFT's convention of a fixed alpha); rsLoRA (alpha/sqrt(r), arXiv 2312.03732) at r in
+  {4, 8, 64} (at r = 1 the two conventions are the same adapter); placement at an equal
+  budget (q r=16, v r=16, q+v r=8, q+k+v+o r=4: 12,288 adapter parameters per layer each,
+  as the LoRA paper's Table 5 compares placements at one budget); full fine-tuning and the
+  head alone on the frozen encoder.
+* ``adalora_minilm``: AdaLoRA on q, k, v and the attention output (init_r 6 -> target_r 4,
+  PEFT's orthogonality weight 0.5) against LoRA r=4 on the same layers (equal final budget).
+* ``dora_minilm``: DoRA against LoRA, query/value, r = 8.
+* ``qlora_minilm``: QLoRA (every linear layer of the encoder in NF4 with double
+  quantization, LoRA on query/value) against LoRA on the float32 base.
+* ``variants_zoo``: rsLoRA, PiSSA, LoRA+, LoRA-FA, VeRA, Delta-LoRA, LoRA-Pro, LoRA-drop and
+  DoRA beside LoRA, query/value, r = 8 (VeRA r = 256, its shared projections).
+
+Run (resumable; a finished run is never run again)::
+
+    python -m lora_course.experiments.converged                 # every study, in the order above
+    python -m lora_course.experiments.converged --study rank_sweep
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data import DATA_DIR, label_names, load_text_classification
+from ..lora import add_lora, count_parameters
+from ..models import minilm_mean_pooled
+from ..train import Protocol, ProtocolRun, fit
+from .tuning import Config, Suite, log_grid
+
+RESULTS_DIR = DATA_DIR / "results"
+IN_PROGRESS_DIR = RESULTS_DIR / "in_progress"
+COMMAND = "python -m lora_course.experiments.converged"
+PROTOCOL = Protocol(max_steps=2000, eval_every=50, patience=5, warmup_steps=50)
+QV = ("query", "value")
+QKVO = ("query", "key", "value", "attention.output.dense")
+ALPHA = 16.0
+HEAD = ["head"]
+LORA_LRS = log_grid(2.5e-4, 4e-3, 3)  # 2.5e-4, 1e-3, 4e-3
+_SPLITS: dict[str, Any] = {}
+
+
+def splits() -> Any:
+    """The shipped splits, loaded once per process."""
+    if not _SPLITS:
+        _SPLITS.update(load_text_classification())
+    return _SPLITS
+
+
+def _train(prepare: Callable[[nn.Module, int], dict[str, Any] | None], name: str) -> Callable:
+    """A ``Config.run``: fresh MiniLM + head from ``seed``, ``prepare(model, seed)`` adapts it
+    (and may return :func:`fit` keyword arguments), then one protocol run."""
+
+    def run(lr: float, seed: int, protocol: Protocol) -> tuple[ProtocolRun, dict[str, Any]]:
+        model, tokenizer = minilm_mean_pooled(len(label_names()), seed=seed)
+        torch.manual_seed(seed)  # adapters draw their initial factors from the global generator
+        extra = prepare(model, seed) or {}
+        trainable, total = count_parameters(model)
+        result = fit(model, tokenizer, splits(), lr, seed, protocol, desc=f"{name} lr={lr:g} seed={seed}", **extra)
+        return result, {"trainable_parameters": trainable, "total_parameters": total,
+                        "seconds_per_step": round(result.seconds / result.steps, 4)}
+
+    return run
+
+
+def lora_config(name: str, targets: Sequence[str] | str, r: int, alpha: float = ALPHA, use_rslora: bool = False,
+                lrs: tuple[float, ...] = LORA_LRS, method: str | None = None) -> Config:
+    """LoRA (or rsLoRA) on ``targets`` at rank ``r``."""
+    def prepare(model: nn.Module, seed: int) -> None:
+        add_lora(model, list(targets) if not isinstance(targets, str) else targets, r=r, alpha=alpha,
+                 use_rslora=use_rslora, modules_to_save=HEAD)
+
+    scaling = alpha / (r**0.5 if use_rslora else r)
+    fields = {"method": method or ("rslora" if use_rslora else "lora"), "r": r, "alpha": alpha,
+              "scaling": round(scaling, 6), "targets": targets if isinstance(targets, str) else list(targets)}
+    return Config(name, lrs, _train(prepare, name), fields)
+
+
+def full_config() -> Config:
+    def prepare(model: nn.Module, seed: int) -> None:
+        model.requires_grad_(True)
+
+    return Config("full", log_grid(1e-5, 1e-4, 3), _train(prepare, "full"), {"method": "full"})
+
+
+def head_config() -> Config:
+    def prepare(model: nn.Module, seed: int) -> None:
+        model.requires_grad_(False)
+        model.head.requires_grad_(True)
+
+    return Config("head", log_grid(1e-3, 1.6e-2, 3), _train(prepare, "head"), {"method": "head"})
+
+
+def rank_sweep_configs() -> list[Config]:
+    ranks = [lora_config(f"lora_qv_r{r}", QV, r) for r in (8, 1, 64, 4, 16)]
+    baselines = [full_config(), head_config()]
+    rslora = [lora_config(f"rslora_qv_r{r}", QV, r, use_rslora=True) for r in (4, 8, 64)]
+    placement = [lora_config("lora_q_r16", ["query"], 16), lora_config("lora_v_r16", ["value"], 16),
+                 lora_config("lora_qkvo_r4", QKVO, 4)]
+    return ranks + baselines + rslora + placement
+
+
+# AdaLoRA's budget schedule, fitted to the converged length of LoRA under the protocol (its
+# best validation step falls at 300-700 steps): warm-up 50 steps, rank budget falling until
+# step 350, final mask fixed from there; training may not stop before ADALORA_TOTAL.
+ADALORA = dict(init_r=6, target_r=4, tinit=50, tfinal=150, deltaT=10, total_step=500, orth_reg_weight=0.5)
+
+
+def adalora_config() -> Config:
+    from ..adalora import RankAllocator, add_adalora, orth_regularization
+
+    s = ADALORA
+
+    def prepare(model: nn.Module, seed: int) -> dict[str, Any]:
+        add_adalora(model, list(QKVO), init_r=s["init_r"], alpha=4.0 * s["init_r"], modules_to_save=HEAD)
+        alloc = RankAllocator(model, init_r=s["init_r"], target_r=s["target_r"], tinit=s["tinit"],
+                              tfinal=s["tfinal"], deltaT=s["deltaT"], total_step=s["total_step"])
+        return {"extra_loss": lambda m: s["orth_reg_weight"] * orth_regularization(m),
+                "after_step": lambda step: alloc.update_and_allocate(model, step),
+                "min_steps": s["total_step"]}
+
+    fields = {"method": "adalora", "r": s["target_r"], "init_r": s["init_r"], "alpha": 4.0 * s["init_r"],
+              "targets": list(QKVO), "schedule": {k: v for k, v in s.items()}}
+    return Config("adalora_qkvo", LORA_LRS, _train(prepare, "adalora_qkvo"), fields)
+
+
+def adalora_configs() -> list[Config]:
+    return [adalora_config(), lora_config("lora_qkvo_r4", QKVO, 4)]
+
+
+def dora_config() -> Config:
+    from ..dora import add_dora
+
+    def prepare(model: nn.Module, seed: int) -> None:
+        add_dora(model, list(QV), r=8, alpha=ALPHA, modules_to_save=HEAD)
+
+    return Config("dora_qv_r8", LORA_LRS, _train(prepare, "dora_qv_r8"),
+                  {"method": "dora", "r": 8, "alpha": ALPHA, "targets": list(QV)})
+
+
+def dora_configs() -> list[Config]:
+    return [dora_config(), lora_config("lora_qv_r8", QV, 8)]
+
+
+QLORA = dict(blocksize=64, double_quant=True, compute_dtype="float32")
+
+
+def qlora_configs() -> list[Config]:
+    from ..qlora import add_qlora, quantize_linear_layers
+
+    def prepare(model: nn.Module, seed: int) -> None:
+        add_qlora(model, list(QV), r=8, alpha=ALPHA, blocksize=QLORA["blocksize"], double_quant=QLORA["double_quant"],
+                  modules_to_save=HEAD)
+        quantize_linear_layers(model, skip_modules=HEAD, blocksize=QLORA["blocksize"],
+                               double_quant=QLORA["double_quant"])  # every other linear layer in NF4 too
+
+    qlora = Config("qlora_qv_r8", LORA_LRS, _train(prepare, "qlora_qv_r8"),
+                   {"method": "qlora", "r": 8, "alpha": ALPHA, "targets": list(QV), **QLORA})
+    return [qlora, lora_config("lora_qv_r8", QV, 8)]
+
+
+ZOO = dict(vera_r=256, loraplus_ratio=16.0, delta_update_ratio=2.0, delta_start_step=50, lora_drop_threshold=0.9,
+           lora_drop_steps=100, lora_drop_lr=1e-3)
+
+
+def _variant(name: str, prepare: Callable, lrs: tuple[float, ...] = LORA_LRS, **fields: Any) -> Config:
+    return Config(f"{name}_qv", lrs, _train(prepare, name), {"method": name, "targets": list(QV), **fields})
+
+
+def variants_zoo_configs() -> list[Config]:
+    from ..variants import (DeltaLoRA, add_pissa, add_vera, apply_lora_pro, create_lorafa_optimizer,
+                            create_loraplus_optimizer)
+
+    def lora(model: nn.Module, seed: int) -> None:
+        add_lora(model, list(QV), r=8, alpha=ALPHA, modules_to_save=HEAD)
+
+    def pissa(model, seed):
+        add_pissa(model, list(QV), r=8, alpha=ALPHA, modules_to_save=HEAD)
+
+    def loraplus(model, seed):
+        lora(model, seed)
+        return {"make_optimizer": lambda m, lr, wd: create_loraplus_optimizer(
+            m, torch.optim.AdamW, lr=lr, lr_ratio=ZOO["loraplus_ratio"], weight_decay=wd)}
+
+    def lorafa(model, seed):
+        lora(model, seed)
+        return {"make_optimizer": lambda m, lr, wd: create_lorafa_optimizer(m, lr=lr, weight_decay=wd)}
+
+    def vera(model, seed):
+        add_vera(model, list(QV), r=ZOO["vera_r"], projection_prng_key=seed, modules_to_save=HEAD)
+
+    def delta(model, seed):
+        lora(model, seed)
+        d = DeltaLoRA(model, ZOO["delta_update_ratio"], ZOO["delta_start_step"])
+        return {"after_step": lambda step: d.step()}
+
+    def lora_pro(model, seed):
+        lora(model, seed)
+        return {"before_step": lambda step: apply_lora_pro(model)}
+
+    def lora_drop(model, seed):
+        kept = lora_drop_selection(seed)
+        torch.manual_seed(seed)
+        add_lora(model, kept, r=8, alpha=ALPHA, modules_to_save=HEAD)
+
+    r8 = dict(r=8, alpha=ALPHA)
+    return [
+        lora_config("lora_qv_r8", QV, 8),
+        lora_config("rslora_qv_r8", QV, 8, use_rslora=True),
+        _variant("pissa", pissa, **r8),
+        _variant("loraplus", loraplus, lr_ratio=ZOO["loraplus_ratio"], **r8),
+        _variant("lorafa", lorafa, **r8),
+        _variant("vera", vera, lrs=log_grid(2e-3, 3.2e-2, 3), r=ZOO["vera_r"]),
+        _variant("delta_lora", delta, update_ratio=ZOO["delta_update_ratio"], start_step=ZOO["delta_start_step"], **r8),
+        _variant("lora_pro", lora_pro, **r8),
+        dora_config(),
+        _variant("lora_drop", lora_drop, threshold=ZOO["lora_drop_threshold"], selection_steps=ZOO["lora_drop_steps"],
+                 **r8),
+    ]
+
+
+def lora_drop_selection(seed: int) -> list[str]:
+    """LoRA-drop's first phase: LoRA on query/value for ``lora_drop_steps`` steps at a fixed rate,
+    the importance of each adapted layer's output on 64 training texts, and the layers kept
+    until ``lora_drop_threshold`` of the importance (the others lose their adapter)."""
+    from ..train import classification_batches, train
+    from ..variants import lora_output_importance, select_lora_layers
+
+    model, tokenizer = minilm_mean_pooled(len(label_names()), seed=seed)
+    torch.manual_seed(seed)
+    add_lora(model, list(QV), r=8, alpha=ALPHA, modules_to_save=HEAD)
+    batches = classification_batches(tokenizer, splits()["train"], PROTOCOL.batch_size, PROTOCOL.max_length, seed=seed)
+    train(model, batches, lambda m, b: m(**b).loss, ZOO["lora_drop_steps"], lr=ZOO["lora_drop_lr"], progress=False)
+    batch = next(iter(classification_batches(tokenizer, splits()["train"].select(range(64)), 64, PROTOCOL.max_length,
+                                             shuffle=False, epochs=1)))
+    batch.pop("labels")
+    return select_lora_layers(lora_output_importance(model, [batch]), ZOO["lora_drop_threshold"])
+
+
+STUDIES: dict[str, Callable[[], list[Config]]] = {
+    "rank_sweep": rank_sweep_configs,
+    "dora_minilm": dora_configs,
+    "adalora_minilm": adalora_configs,
+    "qlora_minilm": qlora_configs,
+    "variants_zoo": variants_zoo_configs,
+}
+
+
+def suite_for(study: str, fresh: bool = False) -> Suite:
+    """The study's suite, resumed from ``in_progress/`` (or from the complete file)."""
+    if study not in STUDIES:
+        raise ValueError(f"study={study!r} is unknown; allowed values: {', '.join(STUDIES)}")
+    done, partial = RESULTS_DIR / f"{study}.json", IN_PROGRESS_DIR / f"{study}.json"
+    path = partial
+    if not partial.exists() and done.exists() and not fresh:
+        try:
+            return Suite.open(done, PROTOCOL, f"{COMMAND} --study {study}", description=DESCRIPTION,
+                              shared=_shared(study))
+        except (ValueError, KeyError):
+            pass  # an older file under another protocol or schema: start in in_progress/
+    return Suite.open(path, PROTOCOL, f"{COMMAND} --study {study}", fresh=fresh, description=DESCRIPTION,
+                      shared=_shared(study))
+
+
+def _shared(study: str) -> tuple[Path, ...]:
+    """The other studies' files (complete or in progress): a configuration two studies share
+    (LoRA q+v r=8 is the reference of four) is trained once and copied, marked ``copied_from``."""
+    return tuple(folder / f"{other}.json" for other in STUDIES if other != study
+                 for folder in (IN_PROGRESS_DIR, RESULTS_DIR))
+
+
+DESCRIPTION = ("stdlib_docstrings (data/stdlib_docstrings), pretrained MiniLM-L6 + linear head on mean-pooled "
+               "features, every configuration trained to a validation plateau")
+
+
+def run_study(study: str, fresh: bool = False) -> Path:
+    """Run what is missing of ``study``; once complete, move its file out of ``in_progress/``."""
+    configs = STUDIES[study]()
+    suite = suite_for(study, fresh)
+    suite.run_all(configs, desc=study)
+    suite.save([c.name for c in configs])
+    final = RESULTS_DIR / f"{study}.json"
+    if suite.complete([c.name for c in configs]) and suite.path != final:
+        shutil.move(str(suite.path), final)
+        suite.path = final
+    return suite.path
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", choices=list(STUDIES), action="append", help="default: every study, in order")
+    parser.add_argument("--fresh", action="store_true", help="ignore runs already in the files")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    for study in args.study or list(STUDIES):
+        path = run_study(study, args.fresh)
+        print(f"{study}: -> {path.relative_to(DATA_DIR.parent)}")
+    print(f"wall {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

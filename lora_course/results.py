@@ -1,0 +1,100 @@
+"""Reading the converged-comparison results files and comparing configurations.
+
+Every accuracy comparison of the course is a results file under ``data/results/`` with a
+``"protocol"`` (the settings of :class:`~lora_course.train.Protocol`) and ``"runs"``: one
+record per training run, each with ``config`` (the configuration's name), ``method``,
+``seed``, ``lr``, ``steps``, ``val_curve`` (``[[step, val_accuracy], ...]``),
+``best_val_accuracy``, ``test_accuracy`` (at the best-validation step) and the fields that
+name the configuration (``r``, ``targets``, ``alpha``...). A configuration's learning rate
+is chosen on validation from its grid (one seed); its accuracy is the mean over the seeds
+run at that rate, with the standard error of that mean.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+RUN_FIELDS = ("config", "method", "seed", "lr", "steps", "val_curve", "best_val_accuracy", "test_accuracy")
+
+
+@dataclass(frozen=True)
+class Summary:
+    """One configuration at its chosen learning rate: test accuracy over seeds."""
+
+    config: str
+    lr: float
+    n: int
+    mean: float
+    se: float  # standard error of the mean (sample std / sqrt(n))
+    val_mean: float
+    steps_mean: float
+
+    def __str__(self) -> str:
+        return f"{self.mean:.4f} +- {self.se:.4f} (n={self.n}, lr={self.lr:g})"
+
+
+def load(path: str | Path) -> dict[str, Any]:
+    """A results file as a dict; a ValueError naming the file if it is not valid JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path.name} is not valid JSON ({exc.msg} at line {exc.lineno}); "
+                         "re-run the experiment that writes it") from exc
+
+
+def runs_of(results: dict[str, Any], config: str) -> list[dict[str, Any]]:
+    """Every run of ``config`` (all learning rates and seeds)."""
+    runs = [r for r in results["runs"] if r["config"] == config]
+    if not runs:
+        names = sorted({r["config"] for r in results["runs"]})
+        raise ValueError(f"config={config!r} has no run in this file; configs present: {', '.join(names)}")
+    return runs
+
+
+def chosen_lr(runs: list[dict[str, Any]], grid_seed: int = 0) -> float:
+    """The learning rate with the best validation accuracy among the grid seed's runs
+    (the smaller rate on a tie)."""
+    grid = [r for r in runs if r["seed"] == grid_seed]
+    if not grid:
+        raise ValueError(f"no run with the grid seed {grid_seed}")
+    return max(grid, key=lambda r: (r["best_val_accuracy"], -r["lr"]))["lr"]
+
+
+def summarize(results: dict[str, Any], config: str, grid_seed: int = 0) -> Summary:
+    """Test accuracy (mean and standard error over seeds) of ``config`` at its chosen rate."""
+    runs = runs_of(results, config)
+    lr = chosen_lr(runs, grid_seed)
+    at = [r for r in runs if r["lr"] == lr]
+    tests = [r["test_accuracy"] for r in at]
+    se = statistics.stdev(tests) / math.sqrt(len(tests)) if len(tests) > 1 else float("nan")
+    return Summary(config=config, lr=lr, n=len(at), mean=statistics.fmean(tests), se=se,
+                   val_mean=statistics.fmean(r["best_val_accuracy"] for r in at),
+                   steps_mean=statistics.fmean(r["steps"] for r in at))
+
+
+def configs(results: dict[str, Any]) -> list[str]:
+    """The configuration names in the file, in the order of their first run."""
+    return list(dict.fromkeys(r["config"] for r in results["runs"]))
+
+
+def compare(a: Summary, b: Summary, z: float = 2.0) -> tuple[float, float, str]:
+    """``(a.mean - b.mean, standard error of that difference, verdict)``.
+
+    The verdict is ``"distinguishable"`` when the difference exceeds ``z`` standard errors
+    of the difference (sqrt(se_a^2 + se_b^2)), otherwise ``"not distinguishable"``.
+    """
+    diff = a.mean - b.mean
+    se = math.sqrt(a.se**2 + b.se**2)
+    return diff, se, "distinguishable" if abs(diff) > z * se else "not distinguishable"
+
+
+def verdict_line(a: Summary, b: Summary, z: float = 2.0) -> str:
+    """One printed line: ``a vs b: +0.0123 +- 0.0100 -> not distinguishable``."""
+    diff, se, verdict = compare(a, b, z)
+    return f"{a.config} vs {b.config}: {diff:+.4f} +- {se:.4f} -> {verdict}"
