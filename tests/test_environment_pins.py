@@ -244,3 +244,13 @@ def test_cli_bad_profile_and_device_are_fail_lines_and_exit_1():
     assert "[FAIL] device: LORA_COURSE_DEVICE='gpu' is not a known device; allowed values: cpu, cuda, mps" in out
     assert out.splitlines()[-1] == f"{len([l for l in out.splitlines() if l.startswith('[')])} checks, 2 failed: profile, device"
     assert "Traceback" not in proc.stderr
+
+
+def test_minilm_weights_match_the_recorded_checksum(monkeypatch):
+    from lora_course import check_env
+
+    ok = check_env.check_minilm()
+    assert ok.status == OK and "SHA-256" in ok.detail
+    monkeypatch.setattr(check_env, "MINILM_SHA256", "0" * 64)
+    bad = check_env.check_minilm()
+    assert bad.status == FAIL and "expected 0000000000000000" in bad.detail
