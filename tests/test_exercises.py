@@ -435,3 +435,74 @@ def test_adding_a_check_takes_a_few_lines(monkeypatch: pytest.MonkeyPatch, capsy
 
     assert exercises.run_check("rank", 4) == (True, "1 hidden case")
     assert exercises.run_check("rank", 5) == (False, "rank: got 5, expected 4. Hint: r is the inner size")
+
+
+def test_hints_come_in_two_levels(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """First wrong answer: the nudge; second and later: the nudge plus the formula; stubs are not tries."""
+    monkeypatch.setattr(exercises.framework, "CHECKS", dict(exercises.CHECKS))
+    monkeypatch.setattr(exercises.framework, "FAILED_TRIES", {})
+
+    @exercise_check("double", cases=lambda: [Case(args=(3,), expected=6)], idea="think of adding x to itself",
+                    formula="f(x) = 2 * x")
+    def check_double(fn) -> None:
+        """Check ``fn(x) -> 2 x``."""
+
+    def stub(x):
+        raise NotImplementedError("your code here")
+
+    check_double(stub)      # not a try
+    check_double(...)       # not a try
+    check_double(lambda x: x + 1)
+    check_double(lambda x: x * 3)
+    check_double(lambda x: x * 4)
+    check_double(lambda x: 2 * x)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["NOT YET check_double"] * 5 + ["PASS check_double"]
+    assert not any("Formula" in line or "second miss" in line for line in lines[:2])
+    assert lines[2].endswith("Hint: think of adding x to itself (fix it and check again; a second miss shows the formula)")
+    assert "2 * x" not in lines[2]
+    assert lines[3].endswith("Hint: think of adding x to itself Formula: f(x) = 2 * x")
+    assert lines[4].endswith("Formula: f(x) = 2 * x")
+    exercises.reset_tries("double")
+    check_double(lambda x: x)
+    assert "Formula" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match="formula=''"):
+        exercise_check("triple", cases=lambda: [], idea="x", formula=" ")
+
+
+def test_use_or_fallback_keeps_a_right_answer_and_replaces_stubs_and_wrong_ones(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(exercises.framework, "CHECKS", dict(exercises.CHECKS))
+    monkeypatch.setattr(exercises.framework, "FAILED_TRIES", {})
+
+    @exercise_check("halve", cases=lambda: [Case(args=(4,), expected=2.0)], idea="split in two", formula="x / 2")
+    def check_halve(fn) -> None:
+        """Check ``fn(x) -> x / 2``."""
+
+    def reference(x):
+        return x / 2
+
+    def mine(x):
+        return x * 0.5
+
+    def stub(x):
+        raise NotImplementedError("your code here")
+
+    assert exercises.use_or_fallback(mine, reference, "halve") is mine
+    assert exercises.use_or_fallback(stub, reference, "halve") is reference
+    assert exercises.use_or_fallback(lambda x: x, reference, "halve", name="my_halve") is reference
+    assert exercises.use_or_fallback(..., reference, "halve", name="halve") is reference
+    assert capsys.readouterr().out.splitlines() == [
+        "using your mine: it passes check_halve (1 hidden case)",
+        "using lora_course's reference instead of your stub (not written yet); the cells below run with it",
+        "using lora_course's reference instead of your my_halve (it does not pass check_halve yet); "
+        "the cells below run with it",
+        "using lora_course's reference instead of your halve (not written yet); the cells below run with it",
+    ]
+    assert exercises.FAILED_TRIES == {}, "use_or_fallback is not a try: it must not unlock the formula"
+    with pytest.raises(AssertionError, match="fallback for check_halve fails its own check"):
+        exercises.use_or_fallback(stub, lambda x: x, "halve")
+    with pytest.raises(ValueError, match="not a registered check"):
+        exercises.use_or_fallback(mine, reference, "no_such_check")
+    assert "use_or_fallback" in exercises.__all__

@@ -17,6 +17,36 @@ How an exercise works in a notebook
   re-import or re-define what it needs, or receive it as an argument. The exercise cell
   must also run without error in its stub form: define the function, do not call it there.
 
+Hints in two levels
+-------------------
+A wrong answer first gets a nudge (the case's ``hint`` or the check's ``idea``: the idea,
+never the answer). From the second wrong answer to the same check in the same kernel on,
+the line also gives the check's ``formula`` (``exercise_check(..., formula=...)``). A
+leftover stub or placeholder is not counted as a try.
+
+Exercises in the reading flow (the fallback pattern)
+----------------------------------------------------
+An exercise that builds a piece the notebook goes on to use sits where the piece is
+taught, before the Summary, as three code cells::
+
+    # exercise cell (tagged ``exercise``)
+    class MyLoRALinear(nn.Module):
+        def forward(self, x):
+            # BEGIN SOLUTION
+            ...
+            # END SOLUTION
+
+    check_lora_forward(MyLoRALinear)                      # the check cell
+
+    MyLoRALinear = use_or_fallback(MyLoRALinear, LoRALinear, "lora_forward")
+
+In the learner copy the body is a stub that raises ``NotImplementedError``;
+:func:`~.framework.use_or_fallback` runs the check's hidden cases again (silently), keeps
+the learner's object if it passes and otherwise returns the library's implementation, and
+prints which one the later cells use. So the learner copy runs top to bottom unsolved (a
+test executes every learner copy), and once the learner's code is right the notebook runs
+on it. For a value (a prediction, a chosen rank) the fallback is the measured value.
+
 The text a check prints is deterministic (no memory addresses, no timings, floats rounded
 to 4 significant digits), so notebooks that show it pass nbval on any machine. A check
 never raises because of the learner's code: an exception, a wrong answer or a leftover
@@ -77,11 +107,16 @@ from .framework import (
     Case,
     ExerciseCheck,
     compare_values,
+    FAILED_TRIES,
     exercise_check,
     fmt,
     format_report,
+    is_a_try,
+    reset_tries,
     run_check,
     seeded_tensors,
+    use_or_fallback,
+    with_hint_level,
 )
 
 # Chapter number -> the module with that notebook's checks (notebooks/NN_*.ipynb).
@@ -104,6 +139,6 @@ def chapter(number: int) -> ModuleType:
     return CHAPTERS[number]
 
 
-# Star-imported into notebooks: only the runner and the checks, so no short generic names
+# Star-imported into notebooks: only the runner, the fallback and the checks, so no short generic names
 # shadow a learner's variables. Everything else is importable by name.
-__all__ = ["run_check"] + [f"check_{name}" for name in CHECKS]
+__all__ = ["run_check", "use_or_fallback"] + [f"check_{name}" for name in CHECKS]

@@ -6,6 +6,13 @@
 and :func:`compare_values` keep that line deterministic; :func:`seeded_tensors` gives the
 chapters reproducible inputs. The package docstring (:mod:`lora_course.exercises`) says
 how an exercise works in a notebook and how to add a check.
+
+Hints come in two levels: a wrong answer first gets the nudge (the case's ``hint`` or the
+check's ``idea``); from the second wrong answer to the same check in the same kernel on,
+the line also gives the check's ``formula``. A leftover stub or placeholder is not a try.
+:func:`use_or_fallback` lets a notebook go on after an exercise in the reading flow: it
+returns the learner's answer if it passes the check, else the library's implementation,
+and prints which one the later cells use.
 """
 
 from __future__ import annotations
@@ -71,9 +78,15 @@ class ExerciseCheck:
     idea: str
     expects: str
     compare: Callable[[Any, Any], str | None]
+    formula: str | None = None
 
 
 CHECKS: dict[str, ExerciseCheck] = {}
+
+# Wrong answers per check in this kernel (a stub or placeholder is not counted): the second
+# one unlocks the check's formula. reset_tries() starts over.
+FAILED_TRIES: dict[str, int] = {}
+_NOT_A_TRY = ("the function still raises NotImplementedError", "still the placeholder")
 
 
 # ---------------------------------------------------------------- formatting (deterministic)
@@ -193,6 +206,7 @@ def exercise_check(
     idea: str,
     expects: str = "callable",
     compare: Callable[[Any, Any], str | None] = compare_values,
+    formula: str | None = None,
 ) -> Callable[[Callable[[Any], None]], Callable[[Any], None]]:
     """Register check ``name`` and turn the decorated ``check_<name>`` into its runner.
 
@@ -202,6 +216,8 @@ def exercise_check(
         idea: the default nudge shown with a wrong answer (the idea, not the answer).
         expects: ``"callable"`` (a function or class) or ``"value"``.
         compare: ``compare(expected, got) -> None`` when right, else what differs.
+        formula: the second-level hint, shown from the second wrong answer in a kernel on
+            (the formula or the recipe itself; the ``idea`` and case hints stay nudges).
     """
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(f"name={name!r} is not a valid check name; allowed values: lower_snake_case identifiers")
@@ -209,6 +225,8 @@ def exercise_check(
         raise ValueError(f"expects={expects!r} is not supported; allowed values: {', '.join(EXPECTS)}")
     if not idea.strip():
         raise ValueError("idea='' is empty; allowed values: a non-empty nudge toward the idea")
+    if formula is not None and not formula.strip():
+        raise ValueError("formula='' is empty; allowed values: None or the formula shown after a second wrong answer")
 
     def register(func: Callable[[Any], None]) -> Callable[[Any], None]:
         if func.__name__ != f"check_{name}":
@@ -217,16 +235,44 @@ def exercise_check(
             )
         if name in CHECKS:
             raise ValueError(f"name={name!r} is already registered; allowed values: a new name, not {sorted(CHECKS)}")
-        CHECKS[name] = ExerciseCheck(name, cases, idea, expects, compare)
+        CHECKS[name] = ExerciseCheck(name, cases, idea, expects, compare, formula)
 
         @functools.wraps(func)
         def check(candidate: Any) -> None:
             passed, message = run_check(name, candidate)
-            print(format_report(name, passed, message))
+            print(format_report(name, passed, with_hint_level(name, passed, message)))
 
         return check
 
     return register
+
+
+def is_a_try(message: str) -> bool:
+    """False for the messages of a leftover stub or placeholder (no answer yet), else True."""
+    return not message.startswith(_NOT_A_TRY)
+
+
+def with_hint_level(name: str, passed: bool, message: str) -> str:
+    """``message`` after counting a wrong answer to check ``name``: the formula from the second on.
+
+    The first wrong answer keeps the nudge and says that another try shows the formula;
+    every later one appends ``Formula: ...`` (when the check has one).
+    """
+    spec = CHECKS[name]
+    if passed or not is_a_try(message) or spec.formula is None:
+        return message
+    FAILED_TRIES[name] = FAILED_TRIES.get(name, 0) + 1
+    if FAILED_TRIES[name] == 1:
+        return f"{message} (fix it and check again; a second miss shows the formula)"
+    return f"{message} Formula: {' '.join(spec.formula.split())}"
+
+
+def reset_tries(name: str | None = None) -> None:
+    """Forget the wrong answers counted for check ``name`` (all checks if None)."""
+    if name is None:
+        FAILED_TRIES.clear()
+    else:
+        FAILED_TRIES.pop(name, None)
 
 
 def format_report(name: str, passed: bool, message: str) -> str:
@@ -291,3 +337,39 @@ def seeded_tensors(seed: int, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
     """Standard-normal tensors of ``shapes`` from a generator seeded with ``seed`` (global RNG untouched)."""
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(*shape, generator=gen) for shape in shapes]
+
+
+# ---------------------------------------------------------------- exercises in the reading flow
+
+
+def use_or_fallback(candidate: Any, fallback: Any, check: str, name: str | None = None) -> Any:
+    """The learner's ``candidate`` if it passes check ``check``, else the library's ``fallback``.
+
+    The cell after an exercise's check cell calls it so that every later cell of the
+    notebook runs, with the learner's code once it is right and with ``fallback`` (the
+    library's implementation, or the measured value) while the exercise is a stub or
+    wrong. Prints one line saying which one is in use (the hidden cases are run again, in
+    silence: the check cell above already gave the hint, and this call is not a try).
+
+    Args:
+        candidate: the learner's function, class or value.
+        fallback: what to use instead; it must pass the same check (a library bug otherwise).
+        check: the registered check's name, e.g. ``"lora_forward"``.
+        name: how to call ``candidate`` in the printed line (default: its ``__name__``,
+            or ``"value"``).
+
+    Raises:
+        ValueError: if ``check`` is not registered.
+        AssertionError: if ``fallback`` itself fails the check.
+    """
+    passed, message = run_check(check, candidate)
+    label = name or (_callable_name(candidate) if callable(candidate) else "value")
+    if passed:
+        print(f"using your {label}: it passes check_{check} ({message})")
+        return candidate
+    fallback_passed, fallback_message = run_check(check, fallback)
+    assert fallback_passed, f"the fallback for check_{check} fails its own check: {fallback_message}"
+    what = f"lora_course's {_callable_name(fallback)}" if callable(fallback) else "the reference value"
+    reason = "not written yet" if not is_a_try(message) else f"it does not pass check_{check} yet"
+    print(f"using {what} instead of your {label} ({reason}); the cells below run with it")
+    return fallback
