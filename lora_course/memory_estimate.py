@@ -392,12 +392,13 @@ def estimate_training_memory(
 
 def _dequantize_workspace(numel: int, d: int, blocksize: int) -> int:
     """Transient bytes of dequantizing the largest NF4 weight (:func:`~lora_course.quant.dequantize_nf4`):
-    the (out x in) result in the weight's dtype, one chunk of int32 codes and float32 values
-    (plus a float32 product when the dtype is not float32), and the float32 block absmax values."""
+    the (out x in) result in the weight's dtype, one chunk of int32 indices (one per byte, 2 bytes
+    per value; a float32 output is decoded in place), a float32 chunk buffer when the dtype is not
+    float32, and the float32 block absmax values."""
     from .quant.nf4 import DEQUANT_CHUNK
 
     chunk = min(numel, DEQUANT_CHUNK)
-    return numel * d + chunk * (6 if d == 4 else 10) + 8 * math.ceil(numel / blocksize)
+    return numel * d + chunk * (2 if d == 4 else 6) + 4 * math.ceil(numel / blocksize)
 
 
 def _first_layer_prefix(names: Sequence[str]) -> str:

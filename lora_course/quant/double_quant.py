@@ -23,7 +23,7 @@ from ..checks import check_blocksize, check_float_tensor
 BLOCKSIZES_8BIT = (64, 128, 256, 512, 1024, 2048, 4096)
 LUT_SIZE = 65536
 
-_cache: dict[tuple[str, bool], torch.Tensor] = {}
+_cache: dict[tuple[str, object], torch.Tensor] = {}
 
 
 def dynamic_map(signed: bool = True) -> torch.Tensor:
@@ -110,7 +110,25 @@ def dequantize_blockwise_8bit(
     if not isinstance(absmax, torch.Tensor) or absmax.numel() != nb:
         got = absmax.numel() if isinstance(absmax, torch.Tensor) else type(absmax).__name__
         raise ValueError(f"absmax must have ceil({n}/{blocksize}) = {nb} elements, got {got}")
-    vals = dynamic_map(True).to(q.device)[q.reshape(-1).long()]  # (n,) float32
+    code = _dynamic_map_on(q.device)  # (256,) float32, cached per device
+    if n == nb * blocksize:  # whole blocks: one gather, one in-place scale, no padding
+        vals = torch.index_select(code, 0, q.reshape(-1).to(torch.int32)).view(nb, blocksize)
+        out = vals.mul_(absmax.float().reshape(nb, 1))  # (nb, bs) float32
+        return out.view(q.shape) if dtype == torch.float32 else out.view(q.shape).to(dtype)
+    vals = code[q.reshape(-1).long()]  # (n,) float32
     vals = torch.nn.functional.pad(vals, (0, nb * blocksize - n)).view(nb, blocksize)
     out = vals * absmax.float().reshape(nb, 1)  # (nb, bs)
     return out.reshape(-1)[:n].reshape(q.shape).to(dtype, copy=True)  # copy: no padded storage kept
+
+
+def _dynamic_map_on(device: torch.device) -> torch.Tensor:
+    """The signed dynamic map on ``device``, made once per device (callers must not modify it)."""
+    if device.type == "cpu":
+        return _DYNAMIC_MAP_CPU  # made at import: no tensor appears inside a caller's memory count
+    key = ("dyn-on", str(device))
+    if key not in _cache:
+        _cache[key] = dynamic_map(True).to(device)
+    return _cache[key]
+
+
+_DYNAMIC_MAP_CPU = dynamic_map(True)  # (256,) float32

@@ -48,6 +48,53 @@ NF4_CODE: torch.Tensor = nf4_code()  # (16,) float32, equal to bitsandbytes' NF4
 _NF4_BOUNDS = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2  # (15,) decision thresholds: code = #{bounds < x}
 # byte -> (code of high nibble, code of low nibble): one gather decodes two values
 _NF4_PAIRS = torch.stack([NF4_CODE.repeat_interleave(16), NF4_CODE.repeat(16)], dim=1)  # (256, 2)
+_NF4_PAIRS64 = _NF4_PAIRS.contiguous().view(torch.int64).view(-1)  # (256,) the same pairs as 8-byte words
+_pair_tables: dict[torch.device, torch.Tensor] = {}
+
+
+def _pair_table(device: torch.device) -> torch.Tensor:
+    """The (256,) int64 table of code pairs on ``device`` (copied there once)."""
+    if device.type == "cpu":
+        return _NF4_PAIRS64
+    if device not in _pair_tables:
+        _pair_tables[device] = _NF4_PAIRS64.to(device)
+    return _pair_tables[device]
+
+
+#: bytes from which a CPU output is asked for in 2 MiB pages: from 32 MiB on, glibc maps every
+#: allocation afresh (smaller ones it recycles, already paged in, which is faster still)
+HUGE_PAGE_MIN_BYTES = 1 << 25
+
+
+def empty_output(numel: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """An uninitialised (numel,) tensor, for an output that is about to be written in full.
+
+    A fresh tensor of many MiB is new memory: the first write to each 4 KiB page traps into
+    the kernel, which finds and zeroes the page (16,384 traps for 64 MiB, about as long as the
+    copy itself on this course's CPU). On a CPU, from :data:`HUGE_PAGE_MIN_BYTES` on, the
+    memory comes from numpy, which asks Linux for transparent huge pages
+    (``madvise(MADV_HUGEPAGE)``): one trap per 2 MiB. Elsewhere (other devices, small sizes,
+    no numpy, huge pages off) it is ``torch.empty``; the values are the same either way.
+    """
+    device = torch.device(device)
+    nbytes = numel * dtype.itemsize
+    if device.type == "cpu" and nbytes >= HUGE_PAGE_MIN_BYTES and _numpy_huge_pages():
+        import numpy
+
+        return torch.from_numpy(numpy.empty(nbytes, dtype=numpy.uint8)).view(dtype)
+    return torch.empty(numel, dtype=dtype, device=device)
+
+
+def _numpy_huge_pages() -> bool:
+    """numpy is there and asks for huge pages (its switch, on by default on Linux >= 4.6)."""
+    try:
+        from numpy._core.multiarray import _get_madvise_hugepage  # numpy >= 2
+    except ImportError:
+        try:
+            from numpy.core.multiarray import _get_madvise_hugepage  # numpy 1.x
+        except ImportError:  # no numpy: plain torch.empty
+            return False
+    return bool(_get_madvise_hugepage())
 
 # Fast exact bucketing (torch.bucketize is a scalar binary search): cut [-1, 1] into 256 bins;
 # bin j starts at e_j = -1 + j/128. _BIN_FIRST[j] counts the bounds below e_j - 1/64, and
@@ -103,8 +150,8 @@ class NF4Weight:
         """The float32 absmax of every block (dequantized first with double quantization)."""
         if not self.double_quant:
             return self.absmax
-        am = dequantize_blockwise_8bit(self.qabsmax, self.absmax2, ABSMAX_BLOCKSIZE)  # (blocks,)
-        return am + self.offset
+        am = dequantize_blockwise_8bit(self.qabsmax, self.absmax2, ABSMAX_BLOCKSIZE)  # (blocks,) fresh
+        return am.add_(self.offset)
 
     def dequantize(self) -> torch.Tensor:
         """Back to a tensor of the original shape and dtype (computed in float32, rounded once)."""
@@ -182,22 +229,43 @@ def dequantize_nf4(
         got = absmax.numel() if isinstance(absmax, torch.Tensor) else type(absmax).__name__
         raise ValueError(f"absmax must have ceil({n}/{blocksize}) = {nb} elements, got {got}")
     flat = packed.reshape(-1)  # ((n+1)//2,)
-    am = absmax.float().reshape(-1)  # (nb,)
+    am = absmax.reshape(-1).float()  # (nb,); no copy when already float32
     full = n - n % blocksize
-    out = torch.empty(n, dtype=dtype, device=packed.device)
-    pairs = _NF4_PAIRS.to(packed.device)  # (256, 2)
-    nfull = full // blocksize
-    rows = out[:full].view(nfull, blocksize)  # (full blocks, bs)
-    am_full = am[:nfull]
-    step = max(1, DEQUANT_CHUNK // blocksize)
-    for c in range(0, nfull, step):
-        codes = flat[c * blocksize // 2 : min(c + step, nfull) * blocksize // 2].to(torch.int32)
-        vals = torch.index_select(pairs, 0, codes).view(-1, blocksize)  # (chunk, bs) float32
-        if dtype == torch.float32:
-            torch.mul(vals, am_full[c : c + step, None], out=rows[c : c + step])
-        else:
-            rows[c : c + step] = vals * am_full[c : c + step, None]  # rounded once to dtype
-    if full < n:
-        vals = pairs[flat[full // 2 :].long()].view(-1)[: n - full]  # (tail,)
+    out = empty_output(n, dtype, packed.device)  # (n,) written once, below
+    if full:
+        _decode_full_blocks(flat[: full // 2], am[: full // blocksize], out[:full], blocksize)
+    if full < n:  # the short last block
+        vals = _NF4_PAIRS.to(packed.device)[flat[full // 2 :].long()].view(-1)[: n - full]  # (tail,)
         out[full:] = vals * am[-1]
     return out.view(shape)
+
+
+def _decode_full_blocks(codes: torch.Tensor, am: torch.Tensor, out: torch.Tensor, blocksize: int) -> None:
+    """Write ``NF4_CODE[code] * am[block]`` for the full blocks into ``out`` (flat), chunk by chunk.
+
+    Per chunk of :data:`DEQUANT_CHUNK` values (small enough to stay in cache): the packed bytes
+    become int32 indices (index_select's index type), one gather from the 256-entry table of
+    code *pairs* (each int64 entry holds the two float32 values of one byte) decodes two values
+    per byte, and one in-place multiply scales each block by its absmax. A float32 output is
+    decoded straight into its own memory (gather into it, scale in place: the output is written
+    once from main memory's point of view); other dtypes go through one float32 chunk buffer
+    (product in float32, rounded once by the copy).
+    """
+    nb = am.numel()
+    half = blocksize // 2  # bytes per block
+    step = max(1, DEQUANT_CHUNK // blocksize)  # blocks per chunk
+    table = _pair_table(codes.device)  # (256,) int64
+    idx = torch.empty(min(step, nb) * half, dtype=torch.int32, device=codes.device)  # reused per chunk
+    direct = out.dtype == torch.float32
+    buf = out if direct else torch.empty(min(step, nb) * blocksize, dtype=torch.float32, device=out.device)
+    rows = out.view(nb, blocksize)  # (nb, bs)
+    for c in range(0, nb, step):
+        e = min(c + step, nb)
+        k = (e - c) * half  # bytes in this chunk
+        ix = idx[:k]
+        ix.copy_(codes[c * half : e * half])  # uint8 -> int32
+        dst = buf[c * blocksize : e * blocksize] if direct else buf[: (e - c) * blocksize]
+        torch.index_select(table, 0, ix, out=dst.view(torch.int64))  # two float32 values per byte
+        vals = dst.view(e - c, blocksize).mul_(am[c:e, None])  # (chunk, bs) scaled in place, float32
+        if not direct:
+            rows[c:e].copy_(vals)  # rounded once to the output dtype
