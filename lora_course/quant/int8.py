@@ -95,15 +95,26 @@ def quantize_int8_vectorwise(x: torch.Tensor, threshold: float = 0.0) -> tuple[t
     check_float_tensor("x", x)
     if x.dim() != 2:
         raise ValueError(f"x must be 2-D (rows x cols), got shape {tuple(x.shape)}")
-    threshold = check_threshold(threshold)
-    cols = outlier_columns(x, threshold)
+    q, row_absmax, _ = quantize_with_outliers(x, check_threshold(threshold))
+    return q, row_absmax
+
+
+def quantize_with_outliers(x: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`quantize_int8_vectorwise` without the argument checks, plus the outlier columns
+    (:func:`outlier_columns`): ``(q, row_absmax, cols)``. The ``|x| >= threshold`` mask is
+    computed once and serves both the columns and the zeroing."""
+    cols = torch.empty(0, dtype=torch.long, device=x.device)
     if threshold > 0:
-        x = x.masked_fill(x.abs() >= threshold, 0)  # outliers do not count toward the row max
+        mask = x.abs() >= threshold  # (rows, cols) the outliers
+        cols = torch.nonzero(mask.any(dim=0)).view(-1)  # (k,)
+        if cols.numel():
+            x = x.masked_fill(mask, 0)  # outliers do not count toward the row max
     row_absmax = x.abs().amax(dim=1).float()  # (rows,) max in x's dtype, then float32
-    q = torch.round(x * (INT8_SCALE / row_absmax[:, None])).to(torch.int8)  # (rows, cols) half-even
+    scaled = x * (INT8_SCALE / row_absmax[:, None])  # (rows, cols) float32
+    q = scaled.round_().to(torch.int8)  # half-even, in place
     if x.shape[0] > 1 and cols.numel():
         q[:, cols] = 0  # the outlier columns go through the floating-point matmul instead
-    return q, row_absmax
+    return q, row_absmax, cols
 
 
 def dequantize_int8_vectorwise(q: torch.Tensor, row_absmax: torch.Tensor) -> torch.Tensor:
@@ -127,7 +138,11 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def int8_mm_dequant(acc: torch.Tensor, row_absmax: torch.Tensor, col_absmax: torch.Tensor,
                     bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """int32 accumulator -> float: ``acc * (sx[:, None] * sw[None, :]) * 6.200124e-05 (+ bias)``."""
-    out = acc * (row_absmax.view(-1, 1) * col_absmax.view(1, -1)) * INT8_MM_DEQUANT_SCALE  # float32
+    out = row_absmax.view(-1, 1) * col_absmax.view(1, -1)  # (m, n) float32, then scaled in place:
+    if out.shape == acc.shape:
+        out.mul_(acc).mul_(INT8_MM_DEQUANT_SCALE)  # acc * scales * 6.200124e-05, each product rounded as above
+    else:  # scales broadcast to a larger acc
+        out = acc * out * INT8_MM_DEQUANT_SCALE
     if bias is not None:
         out += bias  # in float32, before rounding to dtype (as bitsandbytes)
     return out.to(dtype)
@@ -137,8 +152,7 @@ def int8_linear_forward(x2: torch.Tensor, w_q: torch.Tensor, w_absmax: torch.Ten
                         bias: torch.Tensor | None, threshold: float) -> torch.Tensor:
     """LLM.int8() for 2-D ``x2`` (tokens x in): int8 part + floating-point outlier part."""
     x16 = x2.to(torch.float16)  # bitsandbytes quantizes activations from float16
-    cols = outlier_columns(x16, threshold)  # (k,) outlier input dimensions
-    x_q, x_absmax = quantize_int8_vectorwise(x16, threshold)  # (tokens, in), (tokens,)
+    x_q, x_absmax, cols = quantize_with_outliers(x16, threshold)  # (tokens, in), (tokens,), (k,) outliers
     out = int8_mm_dequant(int8_matmul(x_q, w_q), x_absmax, w_absmax, bias, x2.dtype)  # (tokens, out)
     if cols.numel():
         w_cols = dequantize_int8_vectorwise(w_q[:, cols].contiguous(), w_absmax).to(x2.dtype)  # (out, k)
