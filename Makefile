@@ -62,9 +62,11 @@ test-browser: setup
 	fi
 	LORA_COURSE_DEVICE=$${LORA_COURSE_DEVICE:-cpu} $(PY) -m pytest tests/browser -rs -s $(PYTEST_ARGS)
 
-## Re-execute every notebook in place (outputs committed), then regenerate the learner copies.
+## Re-execute every notebook in place (outputs committed), regenerate notebook 12's Interview Q&A
+## from the chapters' (re-executing 12 if it changed), then regenerate the learner copies.
 notebooks: setup
 	LORA_COURSE_DEVICE=$${LORA_COURSE_DEVICE:-cpu} $(PY) -m lora_course.notebook_tools execute notebooks/[0-9]*.ipynb
+	LORA_COURSE_DEVICE=$${LORA_COURSE_DEVICE:-cpu} $(PY) -m lora_course.notebook_tools bank
 	$(MAKE) exercises
 	$(MAKE) readme-table
 

@@ -3,9 +3,10 @@
 * :mod:`.strip`: learner copies with the exercise solutions stubbed (``make exercises``);
 * :mod:`.execute`: re-run notebooks in place and record their run times (``make notebooks``);
 * :mod:`.readme_table`: the README's notebook table from those run times (``make readme-table``);
+* :mod:`.bank`: notebook 12's Interview Q&A generated from the chapters' (``make notebooks``);
 * :mod:`.structure`: the conventions every course notebook must follow (the tests);
 * :mod:`.conventions`: what they share (the notebook map, the kernel, the exercise tag);
-* :mod:`.cli`: the command line, ``python -m lora_course.notebook_tools execute|strip|readme-table``.
+* :mod:`.cli`: the command line, ``python -m lora_course.notebook_tools execute|strip|readme-table|bank``.
 
 This package re-exports their public names.
 """
