@@ -30,6 +30,7 @@ Run (resumable; a finished run is never run again)::
 
     python -m lora_course.experiments.converged                 # every study, in the order above
     python -m lora_course.experiments.converged --study rank_sweep
+    python -m lora_course.experiments.converged --summary       # what the files hold, run nothing
 """
 
 from __future__ import annotations
@@ -308,12 +309,44 @@ def run_study(study: str, fresh: bool = False) -> Path:
     return suite.path
 
 
+def summary_lines(study: str) -> list[str]:
+    """One line per configuration of ``study`` that has runs (complete or in progress): its
+    chosen rate, seeds, test accuracy +- standard error, validation, steps; then each
+    configuration against LoRA q+v r=8 (or the study's second configuration) as a verdict."""
+    from ..results import configs, load, summarize, verdict_line
+
+    path = next((p for p in (RESULTS_DIR / f"{study}.json", IN_PROGRESS_DIR / f"{study}.json")
+                 if p.exists() and "protocol" in load(p)), None)
+    if path is None:
+        return [f"{study}: no runs yet"]
+    data = load(path)
+    lines = [f"{study} ({'complete' if data['complete'] else 'in progress'}, {len(data['runs'])} runs, "
+             f"{data['cpu_seconds'] / 3600:.2f} CPU-hours, {data.get('wall_seconds', data['cpu_seconds']) / 3600:.2f} h wall):"]
+    summaries = {}
+    for name in configs(data):
+        s = summarize(data, name)
+        summaries[name] = s
+        grid = sorted({r["lr"] for r in data["runs"] if r["config"] == name and r["seed"] == data["grid_seed"]})
+        lines.append(f"  {name:<20} test {s.mean:.4f} +- {s.se:.4f} (n={s.n}) at lr {s.lr:g} of {grid}; "
+                     f"val {s.val_mean:.4f}; {s.steps_mean:.0f} steps")
+    reference = summaries.get("lora_qv_r8")
+    for name, s in summaries.items():
+        if reference is not None and name != "lora_qv_r8" and s.n >= 2 and reference.n >= 2:
+            lines.append("  " + verdict_line(s, reference))
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", choices=list(STUDIES), action="append", help="default: every study, in order")
     parser.add_argument("--fresh", action="store_true", help="ignore runs already in the files")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--summary", action="store_true", help="print what the files hold; run nothing")
     args = parser.parse_args(argv)
+    if args.summary:
+        for study in args.study or list(STUDIES):
+            print("\n".join(summary_lines(study)))
+        return
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     for study in args.study or list(STUDIES):

@@ -80,7 +80,7 @@ class Suite:
             if old.get("protocol") != protocol.as_dict():
                 raise ValueError(f"{suite.path.name} was written under another protocol; "
                                  "pass fresh=True (--fresh) to start it again")
-            suite.runs, suite.seconds = old["runs"], old.get("cpu_seconds", 0.0)
+            suite.runs, suite.seconds = old["runs"], old.get("wall_seconds", old.get("cpu_seconds", 0.0))
         return suite
 
     def done(self) -> set[tuple[str, float, int]]:
@@ -108,10 +108,11 @@ class Suite:
             self.runs.append(copied)
             self.save()
             return copied
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         run, extra = config.run(lr, seed, self.protocol)
         self.seconds += time.perf_counter() - start
-        record = {"config": config.name, **config.fields, "seed": seed, "lr": lr, **run.record(), **extra}
+        record = {"config": config.name, **config.fields, "seed": seed, "lr": lr, **run.record(), **extra,
+                  "cpu_seconds": round(time.process_time() - cpu, 1)}
         self.runs.append(record)
         self.save()
         return record
@@ -159,7 +160,8 @@ class Suite:
     def save(self, names: Sequence[str] | None = None) -> None:
         names = names if names is not None else list(dict.fromkeys(r["config"] for r in self.runs))
         record = {"task": self.description, "protocol": self.protocol.as_dict(), "seeds": list(self.seeds),
-                  "grid_seed": GRID_SEED, "complete": self.complete(names), "cpu_seconds": round(self.seconds, 1),
+                  "grid_seed": GRID_SEED, "complete": self.complete(names), "wall_seconds": round(self.seconds, 1),
+                  "cpu_seconds": round(sum(r.get("cpu_seconds", r["seconds"]) for r in self.runs), 1),
                   "runs": self.runs, **provenance(self.command, *self.packages, device=_device())}
         write_results(self.path, record)
 
