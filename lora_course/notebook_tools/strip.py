@@ -28,9 +28,13 @@ nbformat, so this module uses nbformat directly.
 from __future__ import annotations
 
 import ast
+import builtins
 import copy
+import io
+import keyword
 import re
 import textwrap
+import tokenize
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -208,3 +212,90 @@ def exercise_pairs(nb: NotebookNode) -> list[tuple[int, int | None]]:
         pairs.append((index, following if ok else None))
     return pairs
 
+
+# ---------------------------------------------------------------- solutions visible elsewhere
+
+_KEPT_NAMES = frozenset(dir(builtins)) | {"torch", "nn", "F", "self"}
+_ASSIGN_OPS = frozenset({"=", "+=", "-=", "*=", "/=", "@=", "//="})
+
+
+def code_shape(line: str) -> list[str]:
+    """The tokens of one line of code with its spelling normalised away.
+
+    Comments and strings are dropped, numbers become ``#``, and local names become ``_``
+    (attributes, called functions, keyword-argument names, builtins, ``torch``, ``nn``,
+    ``F`` and ``self`` are kept), so ``m.mul_(b1).add_(g, alpha=1 - b1)`` and
+    ``m.mul_(beta1).add_(grad, alpha=1.0 - beta1)`` have the same shape.
+    """
+    try:
+        tokens = list(tokenize.generate_tokens(io.StringIO(line.strip() + "\n").readline))
+    except (tokenize.TokenError, IndentationError, SyntaxError):
+        return []
+    skip = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.ENDMARKER, tokenize.INDENT,
+            tokenize.DEDENT, tokenize.STRING}
+    out: list[str] = []
+    previous = ""
+    for i, token in enumerate(tokens):
+        if token.type in skip:
+            continue
+        text = token.string
+        if token.type == tokenize.NUMBER:
+            text = "#"
+        elif token.type == tokenize.NAME and not keyword.iskeyword(text) and text not in _KEPT_NAMES and previous != ".":
+            following = tokens[i + 1].string if i + 1 < len(tokens) else ""
+            is_kwarg = following == "=" and out and out[-1] in ("(", ",")
+            text = text if following == "(" or is_kwarg else "_"
+        out.append(text)
+        previous = token.string
+    return out
+
+
+def solution_key(line: str) -> str | None:
+    """The distinctive part of one solution line (its right-hand side), or None if too generic.
+
+    Distinctive: at least 8 tokens and 2 named operations (attributes, calls, keywords)
+    once the assignment target or ``return`` is dropped.
+    """
+    tokens = code_shape(line)
+    if tokens[:1] == ["return"]:
+        tokens = tokens[1:]
+    depth = 0
+    for n, token in enumerate(tokens):
+        depth += (token in "([{") - (token in ")]}")
+        if depth == 0 and token in _ASSIGN_OPS:
+            tokens = tokens[n + 1 :]
+            break
+    names = [t for t in tokens if t != "_" and (t.isidentifier() or t.endswith("_"))]
+    return " ".join(tokens) if len(tokens) >= 8 and len(names) >= 2 else None
+
+
+def solution_leaks(nb: NotebookNode, learner: NotebookNode | None = None) -> list[str]:
+    """Where a solution's distinctive line shows in another cell of the learner copy.
+
+    Each line between the markers of an exercise cell of ``nb`` is reduced to
+    :func:`solution_key`; the learner copy (``learner``, default: ``strip_solutions(nb)``)
+    must not hold that key in any code cell's source (the stubbed exercise cell included), nor in its text
+    outputs (for an executed learner copy). Returns one line per leak.
+    """
+    learner = strip_solutions(nb) if learner is None else learner
+    keys: dict[str, int] = {}
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code" or not is_exercise(cell):
+            continue
+        lines = cell.source.split("\n")
+        for begin, end in _solution_blocks(lines, cell_label("notebook", index)):
+            for line in lines[begin + 1 : end]:
+                key = solution_key(line)
+                if key is not None:
+                    keys.setdefault(key, index)
+    leaks = []
+    for j, cell in enumerate(learner.cells):
+        if cell.cell_type != "code":
+            continue
+        texts = [cell.source] + [o.get("text", "") for o in cell.get("outputs", []) if isinstance(o.get("text", ""), str)]
+        texts += [o.get("data", {}).get("text/plain", "") for o in cell.get("outputs", [])]
+        shaped = "\n".join(" ".join(code_shape(line)) for text in texts for line in str(text).split("\n"))
+        for key, index in keys.items():
+            if key in shaped:
+                leaks.append(f"cell index {j} shows the solution of the exercise in cell index {index}: {key!r}")
+    return leaks
