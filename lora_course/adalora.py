@@ -30,13 +30,14 @@ is our own; where PEFT does something surprising it is noted next to the line:
 
 from __future__ import annotations
 
+import math
 import numbers
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from .checks import check_prob
+from .checks import check_prob, plain_number
 from .lora import LOW_PRECISION_DTYPES, MergesIntoBase
 from .surgery import (
     ALL_LINEAR,
@@ -59,14 +60,16 @@ def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def check_adalora_args(r: int, alpha: float, dropout: float, arg: str = "r") -> None:
-    """Raise a ``ValueError`` naming the argument for a bad rank, alpha or dropout."""
+def check_adalora_args(r: int, alpha: float, dropout: float, arg: str = "r") -> tuple[int, float, float]:
+    """Raise a ``ValueError`` naming the argument for a bad rank, alpha or dropout; returns
+    ``(r, alpha, dropout)`` as Python numbers (a numpy integer becomes an ``int``)."""
     if not _is_int(r) or r < 1:
         raise ValueError(f"{arg} must be an int >= 1 (the initial rank of each update), got {arg}={r!r}")
-    if not _is_real(alpha) or not alpha > 0:
-        raise ValueError(f"alpha must be a number > 0 (scaling = alpha / (ranknum + 1e-5)), got alpha={alpha!r}")
+    if not _is_real(alpha) or not math.isfinite(alpha) or not alpha > 0:
+        raise ValueError(f"alpha must be a finite number > 0 (scaling = alpha / (ranknum + 1e-5)), got alpha={alpha!r}")
     if not _is_real(dropout) or not 0 <= dropout < 1:
         raise ValueError(f"dropout must be a probability in [0, 1), got dropout={dropout!r}")
+    return int(r), plain_number(float(alpha), alpha), plain_number(float(dropout), dropout)
 
 
 class SVDLinear(MergesIntoBase, nn.Module):
@@ -89,7 +92,7 @@ class SVDLinear(MergesIntoBase, nn.Module):
 
     def __init__(self, base: nn.Module, r: int = 12, alpha: float = 8.0, dropout: float = 0.0) -> None:
         super().__init__()
-        check_adalora_args(r, alpha, dropout)
+        r, alpha, dropout = check_adalora_args(r, alpha, dropout)
         check_base_layer(base)
         self.base = base.requires_grad_(False)
         self.fan_in_fan_out = isinstance(base, conv1d_type())  # Conv1D stores W as (in, out)
@@ -172,7 +175,7 @@ def add_adalora(
     Raises:
         ValueError: bad argument, no matching layer, or a model that already has adapters.
     """
-    check_adalora_args(init_r, alpha, dropout, arg="init_r")
+    init_r, alpha, dropout = check_adalora_args(init_r, alpha, dropout, arg="init_r")
     names, save_names = plan_adapter_targets(model, target_modules, modules_to_save, "AdaLoRA")
     replace_layers(model, names,  # named_modules order: PEFT's order, so the RNG stream is the same
                    build=lambda name, base: SVDLinear(base, init_r, alpha, dropout))

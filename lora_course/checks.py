@@ -46,6 +46,14 @@ def check_real(name: str, value: Any, low: float | None = None, high: float | No
     return float(value)
 
 
+def plain_number(checked: float, original: Any) -> int | float:
+    """The Python number for a checked real: an integral ``original`` (``8``, ``np.int64(8)``)
+    stays an ``int``, any other becomes a ``float`` (so ``alpha=8`` still prints as 8)."""
+    if isinstance(original, numbers.Integral):
+        return int(original)
+    return checked
+
+
 def check_prob(name: str, value: Any) -> float:
     """``value`` must be a number strictly between 0 and 1 (an EMA coefficient)."""
     return check_real(name, value, 0.0, 1.0, low_open=True, high_open=True, what="an EMA coefficient")

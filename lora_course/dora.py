@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_bool
 from .lora import LOW_PRECISION_DTYPES, LoRALinear, check_lora_args
 from .surgery import ALL_LINEAR, freeze_all_but_adapters, plan_adapter_targets, replace_layers
 
@@ -88,7 +89,7 @@ class DoRALinear(LoRALinear):
         detach_norm: bool = True,
     ) -> None:
         super().__init__(base, r=r, alpha=alpha, dropout=dropout, init="kaiming")
-        self.detach_norm = bool(detach_norm)
+        self.detach_norm = check_bool("detach_norm", detach_norm)
         self.magnitude = nn.Parameter(self._initial_magnitude())  # (out,)
         self._merge_norm: torch.Tensor | None = None  # the norm used by merge(), for unmerge()
 
@@ -224,7 +225,7 @@ def add_dora(
             lists the linear layers), a matched layer DoRA cannot wrap, or a model that
             already has adapter layers.
     """
-    check_lora_args(r, alpha, dropout, "kaiming")
+    r, alpha, dropout = check_lora_args(r, alpha, dropout, "kaiming")
     names, save_names = plan_adapter_targets(model, target_modules, modules_to_save, "DoRA")
     replace_layers(model, names,  # named_modules order: PEFT's order, the same random-number stream
                    build=lambda name, base: DoRALinear(base, r=r, alpha=alpha, dropout=dropout))

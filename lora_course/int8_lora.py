@@ -70,14 +70,14 @@ class Int8LoRALinear(nn.Module):
     def __init__(self, base: Int8Linear, r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
                  init: str = "kaiming", use_rslora: bool = False) -> None:
         super().__init__()
-        check_lora_args(r, alpha, dropout, init)
+        r, alpha, dropout = check_lora_args(r, alpha, dropout, init, use_rslora)
         if not isinstance(base, Int8Linear):
             raise ValueError(f"base must be an Int8Linear, got {type(base).__name__}")
         if init == "pissa":
             raise ValueError("init='pissa' is not supported on an 8-bit base; allowed: kaiming, gaussian")
         self.base = base.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
-        self.r, self.alpha, self.init, self.use_rslora = r, alpha, init, bool(use_rslora)
+        self.r, self.alpha, self.init, self.use_rslora = r, alpha, init, use_rslora
         self.scaling = alpha / r**0.5 if use_rslora else alpha / r
         self.dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
         self.merged = False
@@ -136,7 +136,7 @@ def add_int8_lora(model: nn.Module, target_modules: str | Sequence[str] = ALL_LI
     only the LoRA factors train. Same A for the same seed as PEFT's ``get_peft_model`` on a
     model whose linear layers are bitsandbytes' ``Linear8bitLt`` (layers in ``named_modules`` order).
     """
-    check_lora_args(r, alpha, dropout, init)
+    r, alpha, dropout = check_lora_args(r, alpha, dropout, init, use_rslora)
     layers = int8_layers(model)
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
         names = list(layers)

@@ -20,11 +20,14 @@ set for :func:`lora_course.add_lora` (the repository's ``trainable_params="embed
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .checks import check_bool, check_float_input, check_real
 
 __all__ = [
     "LONGLORA_MODULES_TO_SAVE",
@@ -91,8 +94,16 @@ def shift_short_attention(
 
     Raises:
         ValueError: ``group_size`` odd, < 2 or not dividing seq; an odd head count;
-            mismatched shapes.
+            mismatched shapes; q, k or v not a floating-point tensor (an integer input would
+            be truncated), or of different dtypes; a bad ``scaling`` or ``shift``.
     """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_float_input(name, t)
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"q, k and v must have one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if scaling is not None:
+        check_real("scaling", scaling, low=0.0, low_open=True, what="multiplies the scores")
+    check_bool("shift", shift)
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(f"q, k, v must be (batch, heads, seq, dim), got shapes "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -199,9 +210,10 @@ def patch_s2attn(model: nn.Module, group_size_ratio: float = 0.25, *, shift: boo
     from transformers.masking_utils import AttentionMaskInterface
     from transformers.modeling_utils import AttentionInterface
 
-    if isinstance(group_size_ratio, bool) or not isinstance(group_size_ratio, (int, float)) \
+    if isinstance(group_size_ratio, bool) or not isinstance(group_size_ratio, numbers.Real) \
             or not 0 < group_size_ratio <= 1:
         raise ValueError(f"group_size_ratio must be a number in (0, 1], got {group_size_ratio!r}")
+    shift = check_bool("shift", shift)
     modules = _attention_modules(model)
     config = getattr(model, "config", None)
     if not modules or config is None or not hasattr(model, "set_attn_implementation"):
@@ -216,12 +228,26 @@ def patch_s2attn(model: nn.Module, group_size_ratio: float = 0.25, *, shift: boo
         raise ValueError(f"attention implementation {original!r} is not supported; allowed: "
                          f"{sorted(ALL_MASK_ATTENTION_FUNCTIONS._global_mapping)}")
     name = _PREFIX + original
-    AttentionInterface.register(name, _make_interface(original))
+    AttentionInterface.register(name, _make_interface(original))  # global registries: harmless if unused
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
-    for m in modules:
-        m.s2attn_group_size_ratio = float(group_size_ratio)
-        m.s2attn_shift = bool(shift)
-    model.set_attn_implementation(name)
+    before = [{a: getattr(m, a) for a in ("s2attn_group_size_ratio", "s2attn_shift") if hasattr(m, a)}
+              for m in modules]
+    implementation = config._attn_implementation
+    try:
+        for m in modules:
+            m.s2attn_group_size_ratio = float(group_size_ratio)
+            m.s2attn_shift = shift
+        model.set_attn_implementation(name)
+    except BaseException:  # put every module back as it was
+        for m, attrs in zip(modules, before):
+            for a in ("s2attn_group_size_ratio", "s2attn_shift"):
+                if a in attrs:
+                    setattr(m, a, attrs[a])
+                elif hasattr(m, a):
+                    delattr(m, a)
+        if config._attn_implementation != implementation:
+            model.set_attn_implementation(implementation)
+        raise
     return model
 
 

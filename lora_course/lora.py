@@ -19,7 +19,6 @@ The names of ``surgery`` that this module used to define are still importable fr
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
 from collections.abc import Sequence
 
@@ -27,10 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checks import check_bool, check_int, check_real, plain_number
 from .surgery import (  # several re-exported (see __all__): their old home was this module
     ALL_LINEAR,
     MODULES_TO_SAVE_FLAG,
     MergeableAdapter,
+    ModuleSnapshot,
     UnsupportedLayerError,
     adapter_layers,
     check_base_layer,
@@ -42,6 +43,7 @@ from .surgery import (  # several re-exported (see __all__): their old home was 
     is_lora_target_type,
     linear_layer_names,
     modules_to_save_names,
+    naming_layer,
     plan_adapter_targets,
     replace_layers,
     swap_modules,
@@ -66,23 +68,27 @@ LOW_PRECISION_DTYPES = (torch.float16, torch.bfloat16)
 mark_trainable = freeze_all_but_adapters
 
 
-def check_lora_args(r: int, alpha: float, dropout: float, init: str) -> None:
-    """Raise a ``ValueError`` naming the argument for a bad r, alpha, dropout or init."""
-    if isinstance(r, bool) or not isinstance(r, numbers.Integral) or r < 1:
-        raise ValueError(f"r must be an int >= 1 (the rank of the update), got r={r!r}")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha > 0:
-        raise ValueError(f"alpha must be a number > 0 (scaling = alpha / r), got alpha={alpha!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
-        raise ValueError(f"dropout must be a probability in [0, 1), got dropout={dropout!r}")
-    if init not in INITS:
+def check_lora_args(r: int, alpha: float, dropout: float, init: str,
+                    use_rslora: bool = False) -> tuple[int, float, float]:
+    """Raise a ``ValueError`` naming the argument for a bad r, alpha, dropout, init or
+    use_rslora; returns ``(r, alpha, dropout)`` as Python numbers (a numpy integer becomes an
+    ``int``, so that what is stored and later written to JSON is a Python value; an integral
+    ``alpha`` stays an ``int``)."""
+    r = check_int("r", r, low=1)  # the rank of the update
+    alpha = plain_number(check_real("alpha", alpha, low=0.0, low_open=True, what="scaling = alpha / r"), alpha)
+    dropout = plain_number(check_real("dropout", dropout, low=0.0, high=1.0, high_open=True,
+                                      what="a dropout probability"), dropout)
+    if not isinstance(init, str) or init not in INITS:
         raise ValueError(f"init={init!r} is unknown; allowed values: {', '.join(INITS)}")
+    check_bool("use_rslora", use_rslora)
+    return r, alpha, dropout
 
 
 def check_lora_layer(base: nn.Module, r: int, alpha: float = 8.0, dropout: float = 0.0,
-                     init: str = "kaiming") -> None:
+                     init: str = "kaiming", use_rslora: bool = False) -> None:
     """Everything :class:`LoRALinear` checks before it changes anything: the arguments, the
     layer type, and for ``init="pissa"`` the base weight's dtype and ``r <= min(in, out)``."""
-    check_lora_args(r, alpha, dropout, init)
+    r, alpha, dropout = check_lora_args(r, alpha, dropout, init, use_rslora)
     check_base_layer(base)
     if init == "pissa":
         dtype = base.weight.dtype
@@ -159,7 +165,7 @@ class MergesIntoBase:
         if self.merged:
             warnings.warn(f"{type(self).__name__}.merge(): already merged; nothing done", UserWarning, stacklevel=2)
             return
-        delta = self.delta_weight()
+        delta = self._checked_delta()
         self.base.weight.data += delta.T if self.fan_in_fan_out else delta  # in W's dtype, as PEFT
         self.merged = True
 
@@ -169,11 +175,22 @@ class MergesIntoBase:
         if not self.merged:
             warnings.warn(f"{type(self).__name__}.unmerge(): not merged; nothing done", UserWarning, stacklevel=2)
             return
-        delta = self.delta_weight()
+        delta = self._checked_delta()
         if self.cast_delta_on_unmerge:
             delta = delta.to(self.base.weight.dtype)
         self.base.weight.data -= delta.T if self.fan_in_fan_out else delta
         self.merged = False
+
+    def _checked_delta(self) -> torch.Tensor:
+        """``delta_weight()``, refused (ValueError, nothing changed) unless it has the weight's
+        (out, in) shape: an in-place add would broadcast a factor of the wrong shape silently."""
+        delta = self.delta_weight()
+        w = self.base.weight
+        shape = tuple(w.T.shape if self.fan_in_fan_out else w.shape)
+        if tuple(delta.shape) != shape:
+            raise ValueError(f"{type(self).__name__}: the update B @ A has shape {tuple(delta.shape)}, the base "
+                             f"weight needs {shape} (were lora_A/lora_B replaced?); nothing was changed")
+        return delta
 
     def merged_module(self) -> nn.Module:
         """The base layer with the update merged in (what :func:`merge_lora` puts in our place)."""
@@ -220,12 +237,13 @@ class LoRALinear(MergesIntoBase, nn.Module):
         use_rslora: bool = False,
     ) -> None:
         super().__init__()
-        check_lora_layer(base, r, alpha, dropout, init)  # before anything changes
+        check_lora_layer(base, r, alpha, dropout, init, use_rslora)  # before anything changes
+        r, alpha, dropout = check_lora_args(r, alpha, dropout, init, use_rslora)  # Python numbers
         self.base = base.requires_grad_(False)
         self.fan_in_fan_out = isinstance(base, conv1d_type())  # Conv1D stores W as (in, out)
         out_features, in_features = self._weight().shape
         self.in_features, self.out_features = in_features, out_features
-        self.r, self.alpha, self.init, self.use_rslora = r, alpha, init, bool(use_rslora)
+        self.r, self.alpha, self.init, self.use_rslora = r, alpha, init, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         # PEFT uses Identity for p = 0 (no random numbers drawn); so do we
         self.dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()
@@ -304,7 +322,8 @@ def wrap_layers(model: nn.Module, settings: dict[str, dict], dropout: float = 0.
         model, list(settings),
         build=lambda name, base: LoRALinear(base, dropout=dropout, init=init, use_rslora=use_rslora,
                                             **settings[name]),
-        check=lambda name, base: check_lora_layer(base, dropout=dropout, init=init, **settings[name]),
+        check=lambda name, base: check_lora_layer(base, dropout=dropout, init=init, use_rslora=use_rslora,
+                                                  **settings[name]),
     )
 
 
@@ -334,7 +353,7 @@ def add_lora(
         ValueError: bad argument, no matching layer (the message lists the linear layers),
             a matched layer LoRA cannot wrap, or a model that already has adapter layers.
     """
-    check_lora_args(r, alpha, dropout, init)
+    r, alpha, dropout = check_lora_args(r, alpha, dropout, init, use_rslora)
     names, save_names = plan_adapter_targets(model, target_modules, modules_to_save, "LoRA")
     wrap_layers(model, {n: {"r": r, "alpha": alpha} for n in names}, dropout=dropout, init=init,
                 use_rslora=use_rslora)
@@ -347,10 +366,24 @@ def merge_lora(model: nn.Module) -> nn.Module:
     Works for any wrapper with ``merged_module()`` (LoRA here; QLoRA, DoRA, AdaLoRA
     later). Clears the ``modules_to_save`` flags: the result is a plain model. Returns
     ``model`` (or the plain layer if ``model`` itself is a wrapper).
+
+    All or nothing: if a layer cannot be merged, the layers merged before it are restored
+    exactly (a copy of the adapter layers' tensors is kept while merging) and the error
+    names the layer.
     """
     if isinstance(model, MergeableAdapter):
         return model.merged_module()
-    swap_modules(model, {name: layer.merged_module() for name, layer in adapter_layers(model).items()})
+    layers = adapter_layers(model)
+    snapshot = ModuleSnapshot(layers.values())  # merging changes base weights in place
+    merged = {}
+    try:
+        for name, layer in layers.items():
+            with naming_layer(name):
+                merged[name] = layer.merged_module()
+    except BaseException:
+        snapshot.restore()  # the layers merged so far are put back exactly
+        raise
+    swap_modules(model, merged)
     clear_modules_to_save(model)
     return model
 

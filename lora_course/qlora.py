@@ -38,24 +38,28 @@ from .surgery import (
     ALL_LINEAR,
     adapter_layers,
     check_base_layer,
+    check_names_arg,
     conv1d_type,
     freeze_all_but_adapters,
     is_lora_target_type,
     output_head_name,
     plan_adapter_targets,
+    raw_weight_layers,
     replace_layers,
 )
-from .checks import FLOAT_DTYPES, check_blocksize
+from .checks import FLOAT_DTYPES, check_blocksize, check_float_input
 from .quant.nf4 import BLOCKSIZES_4BIT, NF4Weight, dequantize_nf4, quantize_nf4
 
 __all__ = ["NF4Linear", "Packed4bitParameter", "QLoRALinear", "add_qlora", "check_nf4_base", "qlora_layers",
            "quantize_linear_layers"]
 
 
-def check_qlora_args(r, alpha, dropout, blocksize, double_quant, compute_dtype) -> None:
-    """LoRA's argument checks plus the quantization ones; a ``ValueError`` naming the argument."""
-    check_lora_args(r, alpha, dropout, "kaiming")
+def check_qlora_args(r, alpha, dropout, blocksize, double_quant, compute_dtype) -> tuple[int, float, float]:
+    """LoRA's argument checks plus the quantization ones; a ``ValueError`` naming the argument.
+    Returns ``(r, alpha, dropout)`` as Python numbers (:func:`~lora_course.lora.check_lora_args`)."""
+    r, alpha, dropout = check_lora_args(r, alpha, dropout, "kaiming")
     check_nf4_args(blocksize, double_quant, compute_dtype)
+    return r, alpha, dropout
 
 
 def check_nf4_args(blocksize, double_quant, compute_dtype) -> None:
@@ -179,7 +183,9 @@ class NF4Linear(nn.Module):
         return self.nf4.dequantize()
 
     def base_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x @ dequant(W).T + bias`` in ``compute_dtype``, returned in x's dtype (bitsandbytes)."""
+        """``x @ dequant(W).T + bias`` in ``compute_dtype``, returned in x's dtype (bitsandbytes).
+        An integer ``x`` is refused (ValueError): the result would be truncated to integers."""
+        check_float_input("x", x)
         meta = (self.weight_shape, self.weight_dtype, self.blocksize)
         bias = None if self.bias is None else self.bias.to(self.compute_dtype)
         result = _NF4Linear.apply(x.to(self.compute_dtype), bias, meta, *self._qtensors())
@@ -226,7 +232,7 @@ class QLoRALinear(NF4Linear):
         double_quant: bool = True,
         compute_dtype: torch.dtype = torch.float32,
     ) -> None:
-        check_qlora_args(r, alpha, dropout, blocksize, double_quant, compute_dtype)
+        r, alpha, dropout = check_qlora_args(r, alpha, dropout, blocksize, double_quant, compute_dtype)
         super().__init__(base, blocksize=blocksize, double_quant=double_quant, compute_dtype=compute_dtype)
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         self.dropout = nn.Dropout(p=dropout) if dropout > 0 else nn.Identity()  # PEFT: Identity at 0
@@ -300,7 +306,7 @@ def add_qlora(
         ValueError: bad argument, no matching layer (the message lists the linear layers), a
             matched layer that is not Linear/Conv1D, or a model that already has adapters.
     """
-    check_qlora_args(r, alpha, dropout, blocksize, double_quant, compute_dtype)
+    r, alpha, dropout = check_qlora_args(r, alpha, dropout, blocksize, double_quant, compute_dtype)
     names, save_names = plan_adapter_targets(model, target_modules, modules_to_save, "QLoRA")
     replace_layers(  # named_modules order: PEFT's order of random draws
         model, names,
@@ -330,14 +336,16 @@ def quantize_linear_layers(
     check_nf4_args(blocksize, double_quant, compute_dtype)
     if isinstance(skip_modules, str):
         skip_modules = [skip_modules]
+    check_names_arg(skip_modules, "skip_modules", allow_str=False)
     names = [n for n, _ in model.named_modules()]
     for skip in skip_modules:
         if not any(n == skip or n.endswith("." + skip) for n in names):
             raise ValueError(f"skip_modules entry {skip!r} matches no module of the model")
     head = output_head_name(model)
     inside_adapters = [a + "." for a in adapter_layers(model)]  # e.g. a LoRALinear's base layer
+    raw = set(raw_weight_layers(model))  # nn.MultiheadAttention reads its out_proj's weight directly
     skipped = lambda n: (n == head or any(n == s or n.endswith("." + s) for s in skip_modules)  # noqa: E731
-                         or any(n.startswith(a) for a in inside_adapters))
+                         or any(n.startswith(a) for a in inside_adapters) or n in raw)
     targets = [n for n, m in model.named_modules()
                if n and is_lora_target_type(m) and not isinstance(m, NF4Linear) and not skipped(n)]
     replace_layers(model, targets,

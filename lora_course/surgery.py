@@ -24,6 +24,7 @@ decides what trains afterwards.
 
 from __future__ import annotations
 
+import copy
 import re
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -36,11 +37,11 @@ ALL_LINEAR = "all-linear"
 MODULES_TO_SAVE_FLAG = "_lora_course_module_to_save"
 
 __all__ = [
-    "ALL_LINEAR", "MODULES_TO_SAVE_FLAG", "MergeableAdapter", "UnsupportedLayerError", "adapter_layers",
+    "ALL_LINEAR", "MODULES_TO_SAVE_FLAG", "MergeableAdapter", "ModuleSnapshot", "UnsupportedLayerError", "adapter_layers",
     "check_base_layer", "check_names_arg", "clear_modules_to_save", "conv1d_type",
     "excluded_by_modules_to_save", "find_lora_targets", "find_modules_to_save", "freeze_all_but_adapters",
-    "is_lora_target_type", "linear_layer_names", "linear_names_hint", "modules_to_save_names",
-    "name_matches", "output_head_name", "plan_adapter_targets", "replace_layers", "set_submodule",
+    "is_lora_target_type", "linear_layer_names", "linear_names_hint", "modules_to_save_names", "naming_layer",
+    "name_matches", "output_head_name", "plan_adapter_targets", "raw_weight_layers", "replace_layers", "set_submodule",
     "swap_modules",
 ]
 
@@ -89,6 +90,14 @@ def adapter_layers(model: nn.Module) -> dict[str, nn.Module]:
 def linear_layer_names(model: nn.Module) -> list[str]:
     """Names of every ``nn.Linear`` / ``Conv1D`` in ``model`` (in ``named_modules`` order)."""
     return [name for name, m in model.named_modules() if name and is_lora_target_type(m)]
+
+
+def raw_weight_layers(model: nn.Module) -> list[str]:
+    """Names of linear layers whose parent reads ``.weight`` instead of calling them: the
+    ``out_proj`` of every ``nn.MultiheadAttention`` (a ``NonDynamicallyQuantizableLinear``).
+    A wrapper put there breaks the attention's forward or is never used."""
+    return [f"{name}.out_proj" if name else "out_proj" for name, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention) and isinstance(getattr(m, "out_proj", None), nn.Linear)]
 
 
 def modules_to_save_names(model: nn.Module) -> list[str]:
@@ -164,9 +173,16 @@ def find_lora_targets(
     """
     check_names_arg(target_modules, "target_modules", allow_str=True)
     named = [(n, m) for n, m in model.named_modules() if n]
+    read_raw = set(raw_weight_layers(model))
     if isinstance(target_modules, str) and target_modules.lower() == ALL_LINEAR:
         head = output_head_name(model)
         names = [n for n, m in named if is_lora_target_type(m) and n != head]
+        skipped = [n for n in names if n in read_raw]
+        if skipped:
+            warnings.warn(f"'all-linear' leaves out {skipped}: nn.MultiheadAttention reads its out_proj's "
+                          "weight directly, so an adapter there would never be used (PEFT wraps it anyway "
+                          "and its factors get no gradient)", UserWarning, stacklevel=3)
+            names = [n for n in names if n not in read_raw]
     else:
         names = [n for n, _ in named if name_matches(n, target_modules)]
     names = [n for n in names if not excluded_by_modules_to_save(n, modules_to_save)]
@@ -177,6 +193,13 @@ def find_lora_targets(
             f"target_modules={target_modules!r} matched no module; {linear_names_hint(model)}"
         )
     modules = dict(named)
+    raw = [n for n in names if n in read_raw]
+    if raw:
+        raise ValueError(
+            f"target_modules={target_modules!r} matched {raw}, the out_proj of an nn.MultiheadAttention, "
+            "which reads the weight directly (F.multi_head_attention_forward), so an adapter there would "
+            "never run; leave it out (e.g. exclude_modules) or adapt the layers around the attention"
+        )
     wrong = [f"{n} ({type(modules[n]).__name__})" for n in names if not is_lora_target_type(modules[n])]
     if wrong:
         raise ValueError(
@@ -283,16 +306,68 @@ def replace_layers(
     layers = {name: model.get_submodule(name) for name in names}
     if check is not None:
         for name, layer in layers.items():
-            check(name, layer)
+            with naming_layer(name):
+                check(name, layer)
     flags = [(p, p.requires_grad) for p in model.parameters()]
+    new = {}
     try:
-        new = {name: build(name, layer) for name, layer in layers.items()}
+        for name, layer in layers.items():
+            with naming_layer(name):
+                new[name] = build(name, layer)
     except BaseException:
         for p, flag in flags:
             p.requires_grad_(flag)
         raise
     swap_modules(model, new)
     return new
+
+
+class naming_layer:  # noqa: N801 (used as a statement: ``with naming_layer(name):``)
+    """Context manager: a ``ValueError``/``TypeError``/``RuntimeError`` raised inside is raised
+    again, same type, with ``layer '<name>': `` in front of its message (unless it names the
+    layer already) and "nothing was changed" after it; other errors get the layer as a note."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None or not isinstance(exc, Exception):
+            return False
+        message = str(exc)
+        if f"'{self.name}'" in message:
+            return False
+        if kind in (ValueError, TypeError, RuntimeError, UnsupportedLayerError):
+            raise kind(f"layer {self.name!r}: {message}; the model was not changed") from exc
+        exc.add_note(f"(while changing layer {self.name!r}; the model was not changed)")
+        return False
+
+
+class ModuleSnapshot:
+    """A copy of some modules' state that :meth:`restore` puts back exactly: every tensor's
+    values, dtype and device (``.data``, cloned), each module's attributes (flags such as
+    ``merged``, the submodule objects) and its ``requires_grad`` flags. Used to undo a
+    model-wide change that failed on a later layer (:func:`~lora_course.merge_lora`). Costs
+    one copy of the modules' tensors while it lives."""
+
+    def __init__(self, modules: Iterable[nn.Module]) -> None:
+        self.modules = [m for top in modules for m in top.modules()]
+        self.attrs = [(m, {k: (copy.copy(v) if isinstance(v, dict) else v) for k, v in vars(m).items()})
+                      for m in self.modules]
+        tensors = {id(t): t for m in self.modules for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]
+                   if t is not None}
+        self.tensors = [(t, t.data.clone(), t.requires_grad) for t in tensors.values()]
+
+    def restore(self) -> None:
+        for t, data, flag in self.tensors:
+            t.data = data
+            if t.is_leaf:
+                t.requires_grad_(flag)
+        for m, attrs in self.attrs:
+            vars(m).clear()
+            vars(m).update(attrs)
 
 
 # -- what trains --------------------------------------------------------------------------------

@@ -53,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checks import check_float_tensor
+from ..checks import check_float_input, check_float_tensor
 
 INT8_SCALE = 127.0
 #: bitsandbytes' int32 -> float rescale constant (note: 1/127**2 would be 6.2000124e-05)
@@ -201,8 +201,9 @@ class Int8Linear(nn.Module):
       ``F.linear``): faster on CPUs, which have no fast int8 quantize kernels.
 
     The gradient with respect to the input is ``dL/dy @ dequant(W)`` in both modes.
-    As bitsandbytes, a call with an input of another dtype converts the stored bias to that dtype
-    in place (so a float16 call rounds a float32 bias for good).
+    As bitsandbytes, a call with an input of another floating dtype converts the stored bias to
+    that dtype in place (so a float16 call rounds a float32 bias for good). An integer input is
+    refused (ValueError) before anything changes (bitsandbytes would return a truncated result).
     """
 
     def __init__(self, base: nn.Linear, threshold: float = 6.0) -> None:
@@ -238,6 +239,7 @@ class Int8Linear(nn.Module):
         return self.weight.numel() + 4 * self.weight_absmax.numel()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_float_input("x", x)  # before the bias below is converted: an int input is refused
         if self.bias is not None and self.bias.dtype != x.dtype:
             # as bitsandbytes' Linear8bitLt: the stored bias is converted in place, once and for all
             self.bias.data = self.bias.data.to(x.dtype)

@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from ..checks import check_real
 from ..lora import LoRALinear, check_lora_args, kaiming_uniform_factor
 from ..surgery import ALL_LINEAR, freeze_all_but_adapters, plan_adapter_targets, replace_layers
 
@@ -82,7 +83,10 @@ def add_lora_ga(model: nn.Module, gradients: dict[str, torch.Tensor], target_mod
                 modules_to_save: Sequence[str] | None = None) -> nn.Module:
     """Wrap the targets in :class:`~lora_course.LoRALinear` with LoRA-GA's factors (in place);
     ``gradients`` maps each target's name to its estimated gradient (:func:`estimate_gradients`)."""
-    check_lora_args(r, alpha, dropout, "kaiming")
+    r, alpha, dropout = check_lora_args(r, alpha, dropout, "kaiming")
+    gamma = check_real("gamma", gamma, low=0.0, low_open=True, what="LoRA-GA's scale")
+    if not isinstance(gradients, dict):
+        raise ValueError(f"gradients must be a dict {{target name: gradient tensor}}, got {type(gradients).__name__}")
     names, save_names = plan_adapter_targets(model, target_modules, modules_to_save, "LoRA-GA")
     missing = [n for n in names if n not in gradients]
     if missing:
@@ -102,7 +106,20 @@ def add_lora_ga(model: nn.Module, gradients: dict[str, torch.Tensor], target_mod
         return layer
 
     # named_modules order: PEFT's order, the same random-number stream; every rank checked first
-    layers = replace_layers(model, names, build=build, check=lambda name, base: check_lora_ga_rank(gradients[name], r))
+    def check(name: str, base: nn.Module) -> None:
+        grad, shape = gradients[name], tuple(base.weight.shape)
+        if not isinstance(grad, torch.Tensor) or not grad.is_floating_point() or tuple(grad.shape) != shape:
+            got = f"shape {tuple(grad.shape)}, {grad.dtype}" if isinstance(grad, torch.Tensor) else type(grad).__name__
+            raise ValueError(f"gradients[{name!r}] must be a float tensor of the layer's weight shape {shape}, "
+                             f"got {got}; nothing was changed")
+        if not bool(torch.isfinite(grad).all()):
+            raise ValueError(f"gradients[{name!r}] contains NaN or inf; nothing was changed")
+        try:
+            check_lora_ga_rank(grad, r)
+        except ValueError as exc:
+            raise ValueError(f"layer {name!r}: {exc}; nothing was changed") from None
+
+    layers = replace_layers(model, names, build=build, check=check)
     with torch.no_grad():  # the frozen weights absorb -s B A only once every layer is built
         for name, layer in layers.items():
             (A, B), w = factors[name], layer.base.weight

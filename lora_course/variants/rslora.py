@@ -19,7 +19,7 @@ from ..lora import add_lora, check_lora_args
 
 def rslora_scaling(alpha: float, r: int) -> float:
     """rsLoRA's factor alpha / sqrt(r)."""
-    check_lora_args(r, alpha, 0.0, "kaiming")
+    r, alpha, _ = check_lora_args(r, alpha, 0.0, "kaiming")
     return alpha / math.sqrt(r)
 
 

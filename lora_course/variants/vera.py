@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..checks import check_int, check_real
 from ..lora import MergesIntoBase, check_lora_args
 from ..surgery import ALL_LINEAR, check_base_layer, freeze_all_but_adapters, plan_adapter_targets, replace_layers
 
@@ -52,7 +53,7 @@ class VeRALinear(MergesIntoBase, nn.Module):
     def __init__(self, base: nn.Module, vera_A: torch.Tensor, vera_B: torch.Tensor, r: int,
                  d_initial: float = 0.1, dropout: float = 0.0) -> None:
         super().__init__()
-        check_lora_args(r, 1.0, dropout, "kaiming")
+        r, _, dropout = check_lora_args(r, 1.0, dropout, "kaiming")
         check_vera_base(base)
         out_features, in_features = base.weight.shape
         if vera_A.shape[0] != r or vera_B.shape[1] != r or vera_A.shape[1] < in_features or vera_B.shape[0] < out_features:
@@ -85,10 +86,12 @@ def add_vera(model: nn.Module, target_modules: str | Sequence[str] = ALL_LINEAR,
              projection_prng_key: int = 0, dropout: float = 0.0,
              modules_to_save: Sequence[str] | None = None) -> nn.Module:
     """Wrap the target Linear layers in :class:`VeRALinear` sharing one (A, B) pair, in place."""
+    r, _, dropout = check_lora_args(r, 1.0, dropout, "kaiming")
+    d_initial = check_real("d_initial", d_initial, what="the initial value of the vector d")
+    projection_prng_key = check_int("projection_prng_key", projection_prng_key, low=0)
     names, save_names = plan_adapter_targets(model, target_modules, modules_to_save, "VeRA")
     shapes = [model.get_submodule(n).weight.shape for n in names]  # (out, in)
     max_out, max_in = max(s[0] for s in shapes), max(s[1] for s in shapes)
-    check_lora_args(r, 1.0, dropout, "kaiming")
     vera_A, vera_B = vera_projections(r, max_in, max_out, projection_prng_key)
     replace_layers(model, names, build=lambda name, base: VeRALinear(base, vera_A, vera_B, r, d_initial, dropout),
                    check=lambda name, base: check_vera_base(base))
