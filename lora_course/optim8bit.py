@@ -119,6 +119,19 @@ class AdamW8bit(torch.optim.Optimizer):
     State per parameter (bitsandbytes' names): ``step``; 8-bit: ``state1`` / ``state2`` (uint8
     codes, the parameter's shape), ``absmax1`` / ``absmax2`` (float32 per block), ``qmap1`` /
     ``qmap2`` (the shared signed / unsigned 256-value maps); 32-bit: ``state1`` / ``state2`` float32.
+
+    A step is all or none. Every gradient is checked before the first parameter moves: a
+    NaN or inf gradient (or one of the wrong shape, dtype or layout) raises a ``ValueError``
+    naming the parameter (group and index, shape), and no parameter, state or step counter
+    changes, so the caller can skip the batch (or lower the loss scale) and go on. Measured
+    with torch 2.13 and bitsandbytes 0.50.2 on CPU, neither library raises:
+    ``torch.optim.AdamW`` and bitsandbytes' ``AdamW8bit`` update every parameter and count
+    the step; the entry with a NaN gradient becomes NaN in the parameter and in both moments
+    (bitsandbytes: the 8-bit codes hide it, the parameter keeps it); with an inf gradient
+    bitsandbytes' 8-bit state gets an inf block absmax, and on the next (finite) step the
+    whole block of 256 parameter values turns NaN (torch: one value). We refuse instead of
+    copying that silent corruption; for finite gradients the results are bitsandbytes'
+    bit for bit.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -151,6 +164,7 @@ class AdamW8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._check_grads()  # all or none: nothing changes unless every gradient can be used
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -164,6 +178,25 @@ class AdamW8bit(torch.optim.Optimizer):
                 else:
                     self._update_32bit(p, state, group)
         return loss
+
+    def _check_grads(self) -> None:
+        """Raise a ValueError naming the first parameter whose gradient the step cannot use."""
+        found = [(i, j, p) for i, group in enumerate(self.param_groups)
+                 for j, p in enumerate(group["params"]) if p.grad is not None]
+        for i, j, p in found:
+            g, where = p.grad, f"param_groups[{i}]['params'][{j}] (shape {tuple(p.shape)})"
+            if g.is_sparse or g.shape != p.shape or not g.is_floating_point() or not p.is_floating_point():
+                raise ValueError(f"{where} has a gradient AdamW8bit cannot use ({g.dtype}, shape {tuple(g.shape)}, "
+                                 f"{g.layout}); a dense float gradient of the parameter's shape is needed; "
+                                 "nothing was updated")
+        if not found:
+            return
+        finite = torch.stack([torch.isfinite(p.grad).all() for _, _, p in found])  # one check, one sync
+        if not bool(finite.all()):
+            i, j, p = found[int((~finite).nonzero()[0])]
+            raise ValueError(f"param_groups[{i}]['params'][{j}] (shape {tuple(p.shape)}) has a NaN or inf "
+                             "gradient; nothing was updated (no parameter, state or step count changed): "
+                             "skip this batch or lower the learning rate / loss scale")
 
     def _update_8bit(self, p: torch.Tensor, state: dict, group: dict) -> None:
         # Blocks are independent, so the update walks the tensor in chunks of CHUNK_BLOCKS blocks:
