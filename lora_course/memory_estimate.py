@@ -17,6 +17,7 @@ the tensors autograd saves for backward, layer by layer (see :func:`activation_b
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checks import check_blocksize, check_float_dtype, check_int
+from .checks import check_blocksize, check_bool, check_float_dtype, check_int
 
 __all__ = ["METHODS", "OPTIMIZERS", "MemoryBreakdown", "activation_bytes", "estimate_training_memory",
            "model_on_meta"]
@@ -284,8 +285,11 @@ def estimate_training_memory(
 
     Args:
         model: a transformers config (built on the ``meta`` device to count parameters
-            exactly), a model, or a parameter count (int: weights, gradients and optimizer
-            states of ``full`` only; no activations).
+            exactly) or a dict of one (with its ``"model_type"``, as in ``config.json``), a
+            model (a transformers model; a plain ``nn.Module`` has no config, so its
+            activations are not estimated), or a parameter count (an integer, or a whole
+            float such as ``7e9``: weights, gradients and optimizer states of ``full`` only;
+            no activations).
         method: ``"full"`` trains every parameter in ``dtype``; ``"lora"`` freezes the base in
             ``dtype`` and trains rank-``r`` factors (``adapter_dtype``) on ``target_modules``
             (matched as :func:`~lora_course.add_lora`); ``"qlora"`` as LoRA with the targeted
@@ -308,18 +312,22 @@ def estimate_training_memory(
 
     Raises:
         ValueError: unknown method or optimizer, r < 1, batch/seq_len < 1, a dtype that is
-            not float32/float16/bfloat16, or a parameter count with lora/qlora.
+            not float32/float16/bfloat16, a flag that is not True/False, a parameter count
+            with lora/qlora, or a ``model`` of none of the kinds above (the message names
+            the argument).
     """
     from .surgery import find_lora_targets  # surgery imports nothing from the package
     from .quant.nf4 import BLOCKSIZES_4BIT
 
-    if method not in METHODS:
+    if not isinstance(method, str) or method not in METHODS:
         raise ValueError(f"method={method!r} is unknown; allowed values: {', '.join(METHODS)}")
-    if optimizer not in OPTIMIZERS:
+    if not isinstance(optimizer, str) or optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer={optimizer!r} is unknown; allowed values: {', '.join(OPTIMIZERS)}")
-    check_int("r", r)
-    check_int("batch", batch)
-    check_int("seq_len", seq_len)
+    r, batch, seq_len = check_int("r", r), check_int("batch", batch), check_int("seq_len", seq_len)
+    for value, arg in ((gradient_checkpointing, "gradient_checkpointing"), (master_weights, "master_weights"),
+                       (double_quant, "double_quant")):
+        check_bool(arg, value)
+    model = _parameter_count(model)
     for value, arg in ((dtype, "dtype"), (adapter_dtype, "adapter_dtype"), (optimizer_state_dtype, "optimizer_state_dtype")):
         check_float_dtype(arg, value)
     check_blocksize(blocksize, BLOCKSIZES_4BIT)
@@ -340,7 +348,7 @@ def estimate_training_memory(
                                optimizer_states=states, activations=0, trainable_params=n,
                                total_params=n, notes=notes)
 
-    config = model.config if isinstance(model, nn.Module) else model
+    config = getattr(model, "config", None) if isinstance(model, nn.Module) else _as_config(model)
     net = model if isinstance(model, nn.Module) else _meta_model_cached(config)
     params = _unique_params(net)
     n_total = sum(p.numel() for p in params.values())
@@ -371,13 +379,16 @@ def estimate_training_memory(
             notes.append("qlora: targeted layers in NF4; other weights in dtype")
         layer_prefix = _first_layer_prefix(targets)
         trained_in_layer = {t[len(layer_prefix):].rsplit(".", 1)[-1] for t in targets if t.startswith(layer_prefix)}
-    try:
-        activations, workspace = activation_bytes(
-            config, batch, seq_len, dtype, trained_in_layer, r if method != "full" else None,
-            adapter_dtype, gradient_checkpointing, dequantize_bytes=workspace_extra)
-    except ValueError as exc:
-        activations, workspace = 0, 0
-        notes.append(f"activations not estimated: {exc}")
+    activations, workspace = 0, 0
+    if config is None:  # a plain nn.Module: no config to read the shapes of activations from
+        notes.append("activations not estimated: the model has no transformers config")
+    else:
+        try:
+            activations, workspace = activation_bytes(
+                config, batch, seq_len, dtype, trained_in_layer, r if method != "full" else None,
+                adapter_dtype, gradient_checkpointing, dequantize_bytes=workspace_extra)
+        except ValueError as exc:
+            notes.append(f"activations not estimated: {exc}")
     trainable = n_total if method == "full" else n_lora
     largest = max(trained_numels if method == "full" else lora_numels, default=0)
     # PyTorch's AdamW (per tensor on CPU) makes two temporaries the size of the tensor it updates
@@ -388,6 +399,40 @@ def estimate_training_memory(
                            backward_workspace=workspace,
                            optimizer_workspace=opt_workspace,
                            trainable_params=trainable, total_params=total, notes=notes)
+
+
+def _parameter_count(model: Any) -> Any:
+    """A parameter count as an ``int`` (numpy integers, whole floats such as ``7e9``); any other
+    ``model`` is returned as it is."""
+    if isinstance(model, bool):
+        raise ValueError(f"model must be a transformers config, a model or a parameter count, got model={model!r}")
+    if isinstance(model, numbers.Integral):
+        return check_int("model (a parameter count)", model)
+    if isinstance(model, numbers.Real):
+        if not (math.isfinite(model) and float(model).is_integer() and model >= 1):
+            raise ValueError(f"model as a parameter count must be a whole number >= 1, got model={model!r}")
+        return int(model)
+    return model
+
+
+def _as_config(model: Any) -> Any:
+    """A transformers config from ``model`` (a config, or a dict with ``"model_type"``)."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        return model
+    if isinstance(model, dict):
+        if not isinstance(model.get("model_type"), str):
+            raise ValueError("model as a dict must be a transformers config's dict with its \"model_type\" "
+                             f"(as in config.json), got keys {sorted(model)[:10]}")
+        fields = {k: v for k, v in model.items() if k != "model_type"}
+        try:
+            return AutoConfig.for_model(model["model_type"], **fields)
+        except (ValueError, KeyError) as exc:
+            raise ValueError(f"model={{'model_type': {model['model_type']!r}, ...}} is not a config "
+                             f"transformers knows: {exc}") from None
+    raise ValueError("model must be a transformers config (or its dict), a model (nn.Module) or a "
+                     f"parameter count, got {type(model).__name__}: {model!r:.80}")
 
 
 def _dequantize_workspace(numel: int, d: int, blocksize: int) -> int:
