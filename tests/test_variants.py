@@ -19,7 +19,8 @@ from lora_course.variants import (
     lora_output_importance, lora_pro_gradients, loraplus_param_groups, pissa_factors, rslora_scaling,
     select_lora_layers,
 )
-from test_lora import build_pair, maxdiff, peft_key, randomize_b
+from lora_course.compare import max_abs_diff as maxdiff
+from test_lora import build_pair, peft_key, randomize_b
 
 
 def _tokens(vocab: int = 256, batch: int = 2, seq: int = 12) -> torch.Tensor:
