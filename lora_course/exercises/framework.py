@@ -18,11 +18,16 @@ and prints which one the later cells use.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import io
 import math
 import numbers
 import re
+import signal
+import sys
+import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +50,8 @@ EXPECTS = ("callable", "value")  # what a check receives: a function/class, or a
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _ADDRESS_RE = re.compile(r"0x[0-9a-fA-F]{6,}")
 _MAX_MESSAGE = 160
+#: seconds a check's hidden cases may run in all, unless the check sets its own ``time_limit_s``
+CHECK_TIME_LIMIT_S = 30.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +86,7 @@ class ExerciseCheck:
     expects: str
     compare: Callable[[Any, Any], str | None]
     formula: str | None = None
+    time_limit_s: float | None = None  # None: CHECK_TIME_LIMIT_S
 
 
 CHECKS: dict[str, ExerciseCheck] = {}
@@ -207,6 +215,7 @@ def exercise_check(
     expects: str = "callable",
     compare: Callable[[Any, Any], str | None] = compare_values,
     formula: str | None = None,
+    time_limit_s: float | None = None,
 ) -> Callable[[Callable[[Any], None]], Callable[[Any], None]]:
     """Register check ``name`` and turn the decorated ``check_<name>`` into its runner.
 
@@ -218,6 +227,8 @@ def exercise_check(
         compare: ``compare(expected, got) -> None`` when right, else what differs.
         formula: the second-level hint, shown from the second wrong answer in a kernel on
             (the formula or the recipe itself; the ``idea`` and case hints stay nudges).
+        time_limit_s: seconds the hidden cases may run in all (default
+            :data:`CHECK_TIME_LIMIT_S`); past it the check stops and says so.
     """
     if not isinstance(name, str) or not _NAME_RE.match(name):
         raise ValueError(f"name={name!r} is not a valid check name; allowed values: lower_snake_case identifiers")
@@ -227,6 +238,9 @@ def exercise_check(
         raise ValueError("idea='' is empty; allowed values: a non-empty nudge toward the idea")
     if formula is not None and not formula.strip():
         raise ValueError("formula='' is empty; allowed values: None or the formula shown after a second wrong answer")
+    if time_limit_s is not None and (isinstance(time_limit_s, bool) or not isinstance(time_limit_s, numbers.Real)
+                                     or not 0 < time_limit_s < math.inf):
+        raise ValueError(f"time_limit_s={time_limit_s!r} is not allowed; allowed values: None or a number of seconds > 0")
 
     def register(func: Callable[[Any], None]) -> Callable[[Any], None]:
         if func.__name__ != f"check_{name}":
@@ -235,7 +249,7 @@ def exercise_check(
             )
         if name in CHECKS:
             raise ValueError(f"name={name!r} is already registered; allowed values: a new name, not {sorted(CHECKS)}")
-        CHECKS[name] = ExerciseCheck(name, cases, idea, expects, compare, formula)
+        CHECKS[name] = ExerciseCheck(name, cases, idea, expects, compare, formula, time_limit_s)
 
         @functools.wraps(func)
         def check(candidate: Any) -> None:
@@ -280,12 +294,109 @@ def format_report(name: str, passed: bool, message: str) -> str:
     return f"{'PASS' if passed else 'NOT YET'} check_{name}: {message}"
 
 
+class CheckTimeout(BaseException):
+    """Raised inside a check that ran past its time limit (a ``BaseException``, so that a
+    learner's ``except Exception`` does not swallow it)."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise :class:`CheckTimeout` in this thread if the block runs longer than ``seconds``.
+
+    In the main thread (where Jupyter runs a cell on Linux) a ``SIGALRM`` timer: it also
+    interrupts ``time.sleep`` and blocking calls, and it fires again every 0.5 s should the
+    code swallow the first one (a bare ``except:``); from the second alarm on, a trace
+    function raises the exception on every line, so it also leaves the ``except`` block that
+    swallowed it. Elsewhere a watchdog thread raises the exception in this thread between
+    two bytecodes (``PyThreadState_SetAsyncExc``), again every 0.5 s (there a bare ``except:``
+    inside the loop can still defeat it). Neither can stop a
+    single long C call (one huge matmul); the exception comes when it returns. The previous
+    ``SIGALRM`` handler, timer and trace function are put back afterwards.
+    """
+    state = {"active": True, "fired": False}
+    old_trace = sys.gettrace()
+
+    def raise_on_every_line(frame, event, arg):
+        if not state["active"]:
+            return None
+        if event == "line":  # not on "exception": an error there only unsets the trace function
+            raise CheckTimeout
+        return raise_on_every_line
+
+    if threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer"):
+        def on_alarm(signum, frame):
+            if not state["active"]:
+                return
+            if state["fired"]:  # the first one was swallowed: trace every line from here on
+                sys.settrace(raise_on_every_line)
+                while frame is not None:
+                    frame.f_trace = raise_on_every_line
+                    frame = frame.f_back
+            state["fired"] = True
+            raise CheckTimeout
+        old_handler = signal.signal(signal.SIGALRM, on_alarm)
+        old_timer = signal.setitimer(signal.ITIMER_REAL, seconds, 0.5)
+        started = time.monotonic()
+        try:
+            yield
+        finally:
+            state["active"] = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            sys.settrace(old_trace)
+            signal.signal(signal.SIGALRM, old_handler)
+            if old_timer[0] > 0:  # someone else's timer: re-arm what is left of it
+                left = max(old_timer[0] - (time.monotonic() - started), 1e-3)
+                signal.setitimer(signal.ITIMER_REAL, left, old_timer[1])
+        return
+    lock, ident = threading.Lock(), threading.get_ident()
+    set_async = ctypes.pythonapi.PyThreadState_SetAsyncExc
+
+    def watchdog() -> None:
+        deadline = time.monotonic() + seconds
+        while True:
+            time.sleep(max(min(deadline - time.monotonic(), 0.5), 0.01))
+            with lock:
+                if not state["active"]:
+                    return
+                if time.monotonic() >= deadline:
+                    state["fired"] = True
+                    set_async(ctypes.c_ulong(ident), ctypes.py_object(CheckTimeout))
+
+    threading.Thread(target=watchdog, daemon=True, name="check-time-limit").start()
+    try:
+        yield
+    finally:
+        with lock:
+            state["active"] = False
+            if state["fired"]:  # drop an exception still pending for this thread
+                set_async(ctypes.c_ulong(ident), None)
+
+
+def _torch_globals() -> dict[str, Any]:
+    """The global torch settings a learner's code may change: default dtype, grad mode,
+    default device, anomaly detection."""
+    return {"dtype": torch.get_default_dtype(), "grad": torch.is_grad_enabled(),
+            "device": torch.get_default_device(), "anomaly": torch.is_anomaly_enabled()}
+
+
+def _restore_torch_globals(saved: dict[str, Any]) -> None:
+    if torch.get_default_dtype() != saved["dtype"]:
+        torch.set_default_dtype(saved["dtype"])
+    torch.set_grad_enabled(saved["grad"])
+    if torch.get_default_device() != saved["device"]:
+        torch.set_default_device(None if saved["device"] == torch.device("cpu") else saved["device"])
+    if torch.is_anomaly_enabled() != saved["anomaly"]:
+        torch.set_anomaly_enabled(saved["anomaly"])
+
+
 def run_check(name: str, candidate: Any) -> tuple[bool, str]:
     """Run the hidden cases of check ``name`` on ``candidate``: ``(passed, one-line message)``.
 
-    Never raises for the learner's mistakes (exceptions, wrong answers, a leftover stub);
-    the global RNG state is restored afterwards and whatever the candidate prints is
-    swallowed, so the notebook's later outputs do not depend on the answer.
+    Never raises for the learner's mistakes (exceptions, wrong answers, a leftover stub, a
+    call to ``exit()``/``sys.exit()``, code that runs past the check's time limit: see
+    :func:`time_limit`); the global RNG state and torch's global settings (default dtype,
+    grad mode, default device, anomaly detection) are restored afterwards and whatever the
+    candidate prints is swallowed, so the notebook's later outputs do not depend on the answer.
 
     Raises:
         ValueError: if ``name`` is not a registered check.
@@ -300,18 +411,36 @@ def run_check(name: str, candidate: Any) -> tuple[bool, str]:
             f"expected a function, got {fmt(candidate)}: pass the function itself, "
             f"e.g. check_{name}(my_function), not the result of calling it"
         )
+    saved = _torch_globals()
+    try:
+        return _run_cases(spec, candidate)
+    finally:
+        _restore_torch_globals(saved)
+
+
+def _run_cases(spec: ExerciseCheck, candidate: Any) -> tuple[bool, str]:
+    """The hidden cases of ``spec`` on ``candidate`` (see :func:`run_check`). The time limit
+    counts the candidate's calls only (building the cases may import slow libraries, and an
+    import stopped half-way would break the kernel)."""
+    budget = spec.time_limit_s or CHECK_TIME_LIMIT_S
     with torch.random.fork_rng(devices=[]), contextlib.redirect_stdout(io.StringIO()):
         cases = list(spec.cases())
         for case in cases:
             where = _describe_call(candidate, case) if spec.expects == "callable" else (case.label or "your value")
             hint = case.hint or spec.idea
+            started = time.monotonic()
             try:
-                if case.apply is not None:
-                    got = case.apply(candidate)
-                elif spec.expects == "value":
-                    got = candidate
-                else:
-                    got = candidate(*case.args, **case.kwargs)
+                with time_limit(max(budget, 1e-3)):
+                    if case.apply is not None:
+                        got = case.apply(candidate)
+                    elif spec.expects == "value":
+                        got = candidate
+                    else:
+                        got = candidate(*case.args, **case.kwargs)
+            except CheckTimeout:
+                limit = spec.time_limit_s or CHECK_TIME_LIMIT_S
+                return False, (f"{where} was stopped: the hidden cases ran past the check's {limit:g} s limit; "
+                               "does your code loop forever (a while loop whose condition never changes)?")
             except NotImplementedError as exc:
                 if str(exc) == STUB_MESSAGE or not str(exc):
                     return False, (
@@ -321,6 +450,10 @@ def run_check(name: str, candidate: Any) -> tuple[bool, str]:
                 return False, f"{where} raised NotImplementedError: {_clean(str(exc), 80)}. Hint: {hint}"
             except Exception as exc:  # the learner's code: any error becomes a hint
                 return False, f"{where} raised {type(exc).__name__}: {_clean(str(exc), 80)}. Hint: {hint}"
+            except SystemExit as exc:  # exit() / sys.exit() in an answer must not end the kernel
+                return False, (f"{where} called exit() or sys.exit() (code {exc.code!r}); return a value "
+                               f"instead. Hint: {hint}")
+            budget -= time.monotonic() - started
             try:
                 problem = spec.compare(case.expected, got)
             except Exception:  # an answer of a kind the comparison cannot handle
