@@ -230,7 +230,12 @@ def bank_cells(chapters: Sequence[Chapter], extra_heading: str, extra: Sequence[
             rewritten = QA(qualify_references(qa.question, chapter.number), qualify_references(qa.answer, chapter.number))
             blocks.append(_qa_markdown(index, rewritten))
         cells.append(new_markdown_cell("\n\n".join(blocks), id=f"bank-{chapter.number}"))
-    blocks = [f"### {extra_heading}"]
+    blocks = [
+        f"### {extra_heading}",
+        f"The questions no chapter's Interview Q&A answers ({len(extra)}), from `{EXTRA_SOURCE.as_posix()}`. Each number "
+        "is quoted from a notebook section's output or a results file, named beside it; a paper's claim comes with its "
+        "arXiv id, and where the course has measured nothing the answer says so.",
+    ]
     for qa in extra:
         index += 1
         blocks.append(_qa_markdown(index, qa))
