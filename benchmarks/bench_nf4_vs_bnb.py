@@ -1,12 +1,24 @@
-"""NF4 quantize + dequantize throughput: our lora_course.quant against bitsandbytes' CPU path.
+"""NF4 on the CPU, our lora_course against bitsandbytes: quantize, dequantize, one QLoRA layer step.
 
-One 4096 x 4096 float32 weight, quantized to NF4 (blocksize 64) and dequantized back, with
-and without double quantization. Runs alternate between the two implementations (ours,
-bitsandbytes, bitsandbytes, ours, ...) so a slow spell of the machine hits both alike; we
-report the median time of each and the throughput ratio (ours / bitsandbytes; > 1 = faster).
-The outputs are checked to be bit-identical first.
+In one run, at each thread count of ``--threads``:
 
-Usage: python benchmarks/bench_nf4_vs_bnb.py [--reps 10] [--threads 1] [--size 4096]
+1. quantize: ``quantize_nf4`` against ``bnbF.quantize_4bit`` on one ``--size`` x ``--size`` float32
+   weight (blocksize 64), without and with double quantization;
+2. dequantize: ``NF4Weight.dequantize`` against ``bnbF.dequantize_4bit``, to float32, bfloat16
+   and float16, without and with double quantization, beside two plain copies of the output's
+   size and dtype: ``clone`` (reads n values, writes n values into a fresh tensor: the least a
+   function returning a new tensor does) and ``copy_`` into a tensor that already exists (the
+   memory bandwidth alone, no fresh pages). The bandwidth fraction of an implementation is
+   ``time(copy) / time(implementation)``: 1.0 moves data as fast as the copy;
+3. one QLoRA layer training step: ``QLoRALinear`` (NF4 with double quantization, float32
+   compute, LoRA r = ``--rank``) against PEFT's LoRA on bitsandbytes' ``Linear4bit`` holding the
+   same weight and factors, forward and backward of ``--tokens`` tokens (gradients for x, A, B).
+
+Outputs are checked bit-identical first. The implementations run interleaved, the order rotating
+every repetition, so a slow spell of a shared machine hits all alike; the script prints medians
+and time ratios ours / bitsandbytes (< 1 = ours faster). Timings are never asserted.
+
+Usage: python benchmarks/bench_nf4_vs_bnb.py [--reps 15] [--quant-reps 5] [--threads 1 2] [--size 4096] [--tokens 256] [--rank 16]
 """
 
 from __future__ import annotations
@@ -15,55 +27,154 @@ import argparse
 import logging
 import statistics
 import time
+import warnings
+from collections.abc import Callable
 
 import torch
+from torch import nn
 
 logging.disable(logging.WARNING)  # bitsandbytes' optional-kernel warning on import
 
 import bitsandbytes  # noqa: E402
 import bitsandbytes.functional as bnbF  # noqa: E402
+import peft  # noqa: E402
 
+from lora_course.qlora import QLoRALinear  # noqa: E402
 from lora_course.quant import quantize_nf4  # noqa: E402
 
-
-def ours(w: torch.Tensor, dq: bool) -> torch.Tensor:
-    return quantize_nf4(w, blocksize=64, double_quant=dq).dequantize()
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def bnb(w: torch.Tensor, dq: bool) -> torch.Tensor:
-    packed, st = bnbF.quantize_4bit(w, blocksize=64, compress_statistics=dq, quant_type="nf4")
-    return bnbF.dequantize_4bit(packed, st)
+def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median seconds of each function; each repetition runs all of them, the order rotating."""
+    names = list(fns)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for name in names:  # one untimed warm-up call each
+        fns[name]()
+    for i in range(reps):
+        k = i % len(names)
+        for name in names[k:] + names[:k]:
+            t0 = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
-def timed(fn, w: torch.Tensor, dq: bool) -> float:
-    t0 = time.perf_counter()
-    fn(w, dq)
-    return time.perf_counter() - t0
+def bench_quantize(w: torch.Tensor, reps: int) -> list[tuple[str, float]]:
+    rows = []
+    for dq in (False, True):
+        ours = lambda: quantize_nf4(w, blocksize=64, double_quant=dq)  # noqa: E731
+        bnb = lambda: bnbF.quantize_4bit(w, blocksize=64, compress_statistics=dq, quant_type="nf4")  # noqa: E731
+        q, (packed, st) = ours(), bnb()
+        assert torch.equal(q.packed, packed.view(-1)), "packed codes differ"
+        m = interleaved({"ours": ours, "bnb": bnb}, reps)
+        label = f"quantize   float32  dq={dq!s:5}"
+        print(f"{label}: ours {m['ours'] * 1e3:7.1f} ms, bnb {m['bnb'] * 1e3:7.1f} ms, ours/bnb {m['ours'] / m['bnb']:.2f}")
+        rows.append((label, m["ours"] / m["bnb"]))
+    return rows
+
+
+def bench_dequantize(w: torch.Tensor, reps: int) -> list[tuple[str, float, float, float]]:
+    rows = []
+    for dtype in DTYPES:
+        wd = w.to(dtype)
+        src, dst = torch.ones(wd.numel(), dtype=dtype), torch.empty(wd.numel(), dtype=dtype)
+        gb = 2 * wd.numel() * dtype.itemsize / 1e9  # bytes a copy reads and writes
+        for dq in (False, True):
+            q = quantize_nf4(wd, blocksize=64, double_quant=dq)
+            packed, st = bnbF.quantize_4bit(wd, blocksize=64, compress_statistics=dq, quant_type="nf4")
+            assert torch.equal(q.dequantize(), bnbF.dequantize_4bit(packed, st)), "outputs differ"
+            m = interleaved({"ours": q.dequantize, "bnb": lambda: bnbF.dequantize_4bit(packed, st),
+                             "clone": src.clone, "copy_": lambda: dst.copy_(src)}, reps)
+            label = f"dequantize {str(dtype)[6:]:8} dq={dq!s:5}"
+            print(f"{label}: ours {m['ours'] * 1e3:6.1f} ms, bnb {m['bnb'] * 1e3:6.1f} ms, ours/bnb "
+                  f"{m['ours'] / m['bnb']:.2f}; clone {m['clone'] * 1e3:5.1f} ms ({gb / m['clone']:4.1f} GB/s), "
+                  f"bandwidth fraction ours {m['clone'] / m['ours']:.2f} bnb {m['clone'] / m['bnb']:.2f}; "
+                  f"copy_ {m['copy_'] * 1e3:5.1f} ms ({gb / m['copy_']:4.1f} GB/s), "
+                  f"fraction ours {m['copy_'] / m['ours']:.2f} bnb {m['copy_'] / m['bnb']:.2f}")
+            rows.append((label, m["ours"] / m["bnb"], m["clone"] / m["ours"], m["clone"] / m["bnb"]))
+    return rows
+
+
+def reference_layer(base: nn.Linear, q: QLoRALinear) -> nn.Module:
+    """PEFT LoRA on bitsandbytes' Linear4bit holding base's weight (NF4, double quantization), q's factors."""
+    lin = bitsandbytes.nn.Linear4bit(base.in_features, base.out_features, bias=base.bias is not None,
+                                     compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+    lin.weight = bitsandbytes.nn.Params4bit(base.weight.detach().clone(), requires_grad=False, quant_type="nf4",
+                                            blocksize=64, compress_statistics=True)
+    if base.bias is not None:
+        lin.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)
+    model = nn.Sequential(lin).to("cpu")  # .to quantizes the Params4bit
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pm = peft.get_peft_model(model, peft.LoraConfig(r=q.r, lora_alpha=q.alpha, target_modules=["0"]))
+    layer = pm.base_model.model[0]
+    with torch.no_grad():
+        layer.lora_A["default"].weight.copy_(q.lora_A)
+        layer.lora_B["default"].weight.copy_(q.lora_B)
+    return pm
+
+
+def bench_qlora_layer(size: int, tokens: int, rank: int, reps: int) -> float:
+    torch.manual_seed(0)
+    base = nn.Linear(size, size)
+    with torch.no_grad():
+        base.weight.normal_(0, 0.02)
+    ours = QLoRALinear(base, r=rank, alpha=2.0 * rank, double_quant=True)
+    with torch.no_grad():
+        ours.lora_B.normal_(0, 0.02)  # B = 0 at init would hide the branch's gradient for A
+    ref = reference_layer(base, ours)
+    x = torch.randn(tokens, size)
+    g = torch.randn(tokens, size)
+
+    def step(layer: nn.Module, x_in: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        y = layer(x_in)
+        y.backward(g)
+        params = [p for p in layer.parameters() if p.requires_grad]
+        grads = (x_in.grad, *(p.grad for p in params))
+        x_in.grad = None
+        for p in params:
+            p.grad = None
+        return (y.detach(), *grads)
+
+    xo, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, want = step(ours, xo), step(ref, xr)
+    assert all(torch.equal(a, b) for a, b in zip(got, want)), "QLoRA layer outputs or gradients differ"
+    m = interleaved({"ours": lambda: step(ours, xo), "bnb": lambda: step(ref, xr)}, reps)
+    print(f"QLoRA layer step {size}x{size} NF4+dq, r={rank}, {tokens} tokens, forward+backward: "
+          f"ours {m['ours'] * 1e3:6.1f} ms, bnb+PEFT {m['bnb'] * 1e3:6.1f} ms, ours/bnb {m['ours'] / m['bnb']:.2f} "
+          f"(output and gradients bit-identical)")
+    return m["ours"] / m["bnb"]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--quant-reps", type=int, default=5, help="reps of the (slow) quantize timings; 0 skips them")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--rank", type=int, default=16)
     args = ap.parse_args()
-    torch.set_num_threads(args.threads)
     w = torch.randn(args.size, args.size, generator=torch.Generator().manual_seed(0)) * 0.02
-    n = w.numel()
-    print(f"torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}, threads {args.threads}, "
-          f"weight {args.size}x{args.size} float32, blocksize 64, {args.reps} reps each")
-    for dq in (False, True):
-        assert torch.equal(ours(w, dq), bnb(w, dq)), "outputs differ"
-        t_ours, t_bnb = [], []
-        for i in range(args.reps):
-            pair = [(ours, t_ours), (bnb, t_bnb)] if i % 2 == 0 else [(bnb, t_bnb), (ours, t_ours)]
-            for fn, acc in pair:
-                acc.append(timed(fn, w, dq))
-        mo, mb = statistics.median(t_ours), statistics.median(t_bnb)
-        label = "NF4 + double quant" if dq else "NF4              "
-        print(f"{label}: ours {mo * 1e3:7.1f} ms ({n / mo / 1e6:6.1f} M weights/s), "
-              f"bitsandbytes {mb * 1e3:7.1f} ms ({n / mb / 1e6:6.1f} M weights/s), "
-              f"throughput ratio ours/bnb = {mb / mo:.2f} (outputs bit-identical)")
+    print(f"torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}, peft {peft.__version__}, "
+          f"CPU capability {torch.backends.cpu.get_cpu_capability()}; weight {args.size}x{args.size}, blocksize 64, "
+          f"{args.reps} interleaved reps each ({args.quant_reps} for quantize), medians")
+    summary = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        print(f"\n== {threads} thread(s)")
+        quant = bench_quantize(w, args.quant_reps) if args.quant_reps else []
+        deq = bench_dequantize(w, args.reps)
+        layer = bench_qlora_layer(args.size, args.tokens, args.rank, args.reps)
+        summary.append((threads, quant, deq, layer))
+    print("\nsummary (time ratio ours/bnb, < 1 = ours faster; bandwidth fraction = clone time / time)")
+    for threads, quant, deq, layer in summary:
+        for label, r in quant:
+            print(f"  {threads} thr  {label}  ours/bnb {r:.2f}")
+        for label, r, fo, fb in deq:
+            print(f"  {threads} thr  {label}  ours/bnb {r:.2f}  fraction ours {fo:.2f} bnb {fb:.2f}")
+        print(f"  {threads} thr  QLoRA layer step            ours/bnb {layer:.2f}")
 
 
 if __name__ == "__main__":
