@@ -75,3 +75,34 @@ def test_the_results_file_matches_its_claims():
     assert record["full_over_lora_bytes"] == pytest.approx(
         record["runs"]["full"]["allreduce_bytes_per_step"] / record["runs"]["lora"]["allreduce_bytes_per_step"])
     assert record["fsdp2_lora"]["max_abs_diff_trained"] < 1e-6
+
+
+def test_a_failing_rank_shows_its_own_error(tmp_path):
+    """Rank 0 cannot write its result (the folder does not exist): the error is rank 0's own
+    traceback, read from torchrun's per-rank log, not only torchrun's summary."""
+    missing = tmp_path / "no" / "such" / "folder"
+    with pytest.raises(RuntimeError) as info:
+        ddp_lora.run_torchrun(["--worker", "--method", "lora", "--out", str(missing)], nproc=2,
+                              log_dir=tmp_path / "logs", progress=False)
+    message = str(info.value)
+    assert "--- rank 0 ---" in message and "Traceback (most recent call last)" in message
+    assert str(missing) in message  # the failing call's own message (safetensors names the file)
+    assert "--- rank 1 ---" not in message  # rank 1 finished its part and wrote no error
+
+
+def test_launch_is_repeatable_on_a_busy_machine():
+    """No port race: three launches in a row while two busy processes load the machine (the
+    old launcher picked a free port, released it, and torchrun bound it later). The ranks
+    rendezvous and all-reduce (launch_ping: launch_ddp's launch without the 8 training steps,
+    which test_two_ddp_processes_equal_one_process... runs once), so the test stays short."""
+    import subprocess
+    import sys
+
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        results = [ddp_lora.launch_ping(nproc=2) for _ in range(3)]
+    finally:
+        for proc in busy:
+            proc.kill()
+            proc.wait()
+    assert results == [{"world_size": 2, "rank_sum": 1.0}] * 3

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 import tempfile
@@ -156,18 +156,65 @@ def _worker(method: str, out: Path, strategy: str = "ddp") -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 STRATEGIES = ("ddp", "fsdp")
+_STEP = re.compile(r"^(\[default\d+\]:)?STEP ")  # rank 0's progress line (tee'd with a rank prefix)
+
+
+def rank_errors(log_dir: Path, lines: int = 30) -> dict[int, str]:
+    """Each failed rank's own error, from torchrun's per-rank ``stderr.log`` under ``log_dir``:
+    ``{rank: the last traceback (or the last lines) it wrote}``; ranks that wrote nothing are left out."""
+    errors = {}
+    for path in sorted(Path(log_dir).glob("*/attempt_*/*/stderr.log")):
+        text = path.read_text(errors="replace").rstrip()
+        if not text:
+            continue
+        tail = text[text.rfind("Traceback (most recent call last)"):] if "Traceback" in text else text
+        errors[int(path.parent.name)] = "\n".join(tail.splitlines()[-lines:])
+    return errors
+
+
+def run_torchrun(worker_args: list[str], nproc: int, log_dir: Path, desc: str = "torchrun",
+                 progress: bool = True) -> None:
+    """Start ``nproc`` workers (``-m lora_course.experiments.ddp_lora`` + ``worker_args``) with torchrun.
+
+    ``--standalone``: torchrun's own rendezvous binds a free port itself and holds it (no port
+    is picked here and released for another process to take first). Each rank's stdout and
+    stderr go to files under ``log_dir`` (``--redirects 3``; stdout is also echoed for the
+    progress bar, ``--tee 1``), so when a worker fails the ``RuntimeError`` shows each failed
+    rank's own traceback, not only torchrun's summary.
+    """
+    from tqdm.auto import tqdm
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", f"--nproc-per-node={nproc}", "--log-dir", str(log_dir),
+           "--redirects", "3", "--tee", "1", "-m", "lora_course.experiments.ddp_lora", *worker_args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    bar = tqdm(total=SETTINGS["steps"], desc=desc, disable=not progress, file=sys.stderr)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        log = []
+        for line in proc.stdout:
+            if _STEP.match(line):
+                bar.update(1)
+            else:
+                log.append(line)
+    bar.close()
+    if proc.returncode != 0:
+        errors = rank_errors(log_dir)
+        ranks = "".join(f"\n--- rank {rank} ---\n{text}" for rank, text in sorted(errors.items()))
+        summary = "".join(line for line in log[-15:] if line.strip())
+        raise RuntimeError(f"torchrun exited with {proc.returncode}; "
+                           + (f"the failed ranks' errors:{ranks}" if errors else "no rank wrote an error")
+                           + f"\n--- torchrun's summary (last lines) ---\n{summary}")
 
 
 def launch_ddp(method: str, nproc: int = 2, progress: bool = True, strategy: str = "ddp") -> dict[str, Any]:
-    """Run ``nproc`` workers (DDP, or FSDP2 with ``strategy="fsdp"``) through ``torchrun``;
-    returns rank 0's result and the trained tensors (gathered whole)."""
+    """Run ``nproc`` workers (DDP, or FSDP2 with ``strategy="fsdp"``) through ``torchrun``
+    (:func:`run_torchrun`); returns rank 0's result and the trained tensors (gathered whole).
+
+    Raises:
+        ValueError: a bad ``method``, ``nproc`` or ``strategy``.
+        RuntimeError: a worker failed; the message holds each failed rank's own traceback.
+    """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is unknown; allowed values: {', '.join(STRATEGIES)}")
     if method not in METHODS:
@@ -175,28 +222,33 @@ def launch_ddp(method: str, nproc: int = 2, progress: bool = True, strategy: str
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1 or SETTINGS["global_batch"] % nproc:
         raise ValueError(f"nproc must be a positive divisor of the global batch {SETTINGS['global_batch']}, got {nproc!r}")
     from safetensors.torch import load_file
-    from tqdm.auto import tqdm
 
-    torchrun = Path(sys.executable).with_name("torchrun")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [str(torchrun), f"--nproc-per-node={nproc}", "--nnodes=1", "--master-addr=127.0.0.1",
-               f"--master-port={_free_port()}", "-m", "lora_course.experiments.ddp_lora",
-               "--worker", "--method", method, "--strategy", strategy, "--out", tmp]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-        bar = tqdm(total=SETTINGS["steps"], desc=f"{strategy.upper()} x{nproc} ({method})", disable=not progress, file=sys.stderr)
-        with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
-            log = []
-            for line in proc.stdout:
-                if line.startswith("STEP "):
-                    bar.update(1)
-                else:
-                    log.append(line)
-        bar.close()
-        if proc.returncode != 0:
-            raise RuntimeError(f"torchrun exited with {proc.returncode}:\n{''.join(log[-40:])}")
+        run_torchrun(["--worker", "--method", method, "--strategy", strategy, "--out", tmp], nproc,
+                     Path(tmp) / "logs", desc=f"{strategy.upper()} x{nproc} ({method})", progress=progress)
         result = json.loads((Path(tmp) / "result.json").read_text())
         result["state"] = load_file(str(Path(tmp) / "trained.safetensors"))
     return result
+
+
+def _ping(out: Path) -> None:
+    """One rank of :func:`launch_ping`: join the group, all-reduce the rank, rank 0 writes the sum."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    total = torch.tensor([float(dist.get_rank())])
+    dist.all_reduce(total)
+    if dist.get_rank() == 0:
+        (out / "ping.json").write_text(json.dumps({"world_size": dist.get_world_size(), "rank_sum": total.item()}))
+    dist.destroy_process_group()
+
+
+def launch_ping(nproc: int = 2) -> dict[str, Any]:
+    """The launch of :func:`launch_ddp` without the training: ``nproc`` ranks rendezvous, all-reduce
+    their ranks and exit; returns ``{"world_size", "rank_sum"}``. A quick check that launching works."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run_torchrun(["--ping", "--out", tmp], nproc, Path(tmp) / "logs", progress=False)
+        return json.loads((Path(tmp) / "ping.json").read_text())
 
 
 def compare(single: dict[str, Any], ddp: dict[str, Any]) -> dict[str, float]:
@@ -210,12 +262,16 @@ def compare(single: dict[str, Any], ddp: dict[str, Any]) -> dict[str, float]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", action="store_true", help="run as one torchrun rank")
+    parser.add_argument("--ping", action="store_true", help="run as one rank of launch_ping")
     parser.add_argument("--method", choices=METHODS, default="lora")
     parser.add_argument("--strategy", choices=STRATEGIES, default="ddp")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if args.worker:
         _worker(args.method, args.out, args.strategy)
+        return
+    if args.ping:
+        _ping(args.out)
         return
     runs = {}
     for method in METHODS:
