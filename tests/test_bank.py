@@ -51,7 +51,7 @@ def test_bank_is_generated_from_the_chapters() -> None:
     current = bank.generated_sources(nbformat.read(BANK, as_version=4))
     stale = [cid for (cid, src), (_, old) in zip(expected, current) if src != old]
     assert current == expected, (
-        f"notebook 12's Interview Q&A is stale (cells {stale or 'added or removed'}): a chapter's Q&A or "
+        f"notebook 12's Interview Q&A is stale (cells {stale or 'added or removed'}): a chapter's title, section headings or Interview Q&A, or "
         f"{bank.EXTRA_SOURCE} changed; run `{bank.COMMAND}` (it re-executes notebook 12), then `make exercises`"
     )
 
