@@ -27,8 +27,8 @@ TIMEOUT_S = 600  # per cell; the whole notebook takes well under a minute on an 
 # Learner copies that still print a solution elsewhere (the number of leaks). Issue 21's
 # remaining work: rewrite the earlier cell or the exercise, then remove the entry.
 KNOWN_LEAKS = {
-    "01_lora_from_scratch.ipynb": 1,
     "03_nf4_from_scratch.ipynb": 1,
+    "07_adalora.ipynb": 1,
     "12_interview_question_bank.ipynb": 1,
     "14_int8_and_8bit_optimizers.ipynb": 1,
 }
@@ -74,6 +74,8 @@ def test_code_shape_ignores_spelling_but_not_structure() -> None:
     assert solution_key("out = self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling") == (
         "self . base ( _ ) + ( _ @ self . lora_A . T @ self . lora_B . T ) * self . scaling")
     assert solution_key("return a + b * c") is None  # too generic to be a solution
+    assert code_shape('S = s["lora_E"].view(-1)') == code_shape("S = s_E.view(-1)"), "indexed locals are locals"
+    assert code_shape("x[:, h // 2:]") != code_shape("x"), "slices stay"
 
 
 def test_solution_leaks_finds_a_solution_printed_elsewhere() -> None:
@@ -95,10 +97,10 @@ def test_solution_leaks_finds_a_solution_printed_elsewhere() -> None:
 
 # Chapters rebuilt under issue 21: the mechanism is written on the page, and its core cells are
 # exercises in the reading flow (before the Summary) with a fallback to the library.
-BUILT_ON_THE_PAGE: tuple[str, ...] = ()
+BUILT_ON_THE_PAGE = ("01_lora_from_scratch.ipynb",)
 
 
-@pytest.mark.parametrize("name", BUILT_ON_THE_PAGE or [pytest.param("", marks=pytest.mark.skip("none rebuilt yet"))])
+@pytest.mark.parametrize("name", BUILT_ON_THE_PAGE)
 def test_rebuilt_chapters_have_exercises_in_the_flow(name: str) -> None:
     from lora_course.notebook_tools.conventions import is_exercise
 

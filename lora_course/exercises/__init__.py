@@ -85,7 +85,7 @@ from types import ModuleType
 
 from . import ch00, ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09, ch10, ch11, ch12, ch13, ch14
 from .ch00 import check_linear_param_count
-from .ch01 import check_lora_forward, check_lora_trainable_params, check_merge_weight
+from .ch01 import check_alpha_bug_ratio, check_lora_forward, check_lora_trainable_params, check_merge_weight
 from .ch02 import check_adapter_file_bytes, check_lora_config_trainable, check_peft_scaling
 from .ch03 import check_dequantize_blocks, check_nf4_levels, check_pack_nibbles
 from .ch04 import check_dequantize_absmax, check_lut_code_index, check_nf4_bits_per_param

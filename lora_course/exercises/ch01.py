@@ -39,14 +39,15 @@ def _lora_forward_cases() -> Iterator[Case]:
             expected=expected,
             apply=apply,
             label=f"layer(nn.Linear({d_in}, {d_out}, bias={bias}), r={r}, alpha={alpha}) on x of shape {lead + (d_in,)}",
-            hint=None if r > 1 else "the scaling is alpha / r; with r=1 it is alpha itself",
+            hint=None if r > 1 else "with r=1 the scale in front of the branch is alpha itself: is yours?",
         )
 
 
 @exercise_check(
     "lora_forward",
     cases=_lora_forward_cases,
-    idea="the output is the frozen layer's output plus the low-rank branch x -> A -> B, times self.scaling",
+    idea="two paths add up: the frozen layer's own output, and a narrow branch through the two factors, scaled",
+    formula="forward(x) = self.base(x) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling",
 )
 def check_lora_forward(layer_class: type) -> None:
     """Check a LoRA layer class whose ``forward`` must equal ``lora_course.LoRALinear``'s."""
@@ -81,7 +82,8 @@ def _lora_trainable_params_cases() -> Iterator[Case]:
 @exercise_check(
     "lora_trainable_params",
     cases=_lora_trainable_params_cases,
-    idea="each adapted (in x out) layer adds r * (in + out); every decoder layer has one of each target",
+    idea="each adapted layer adds two factors, one per side of the layer; every decoder layer has one of each target",
+    formula="num_hidden_layers * sum over targets of r * (in_features + out_features), with k/v out = num_key_value_heads * head_dim",
 )
 def check_lora_trainable_params(fn: Callable[..., int]) -> None:
     """Check ``fn(config, r, targets)`` against ``count_parameters(add_lora(...))`` on meta models."""
@@ -111,14 +113,63 @@ def _merge_weight_cases() -> Iterator[Case]:
             kwargs={"fan_in_fan_out": fan_in_fan_out},
             expected=layer.base.weight.detach().clone(),
             label=f"merge_weight({'Conv1D' if fan_in_fan_out else 'nn.Linear'} weight {tuple(base.weight.shape)}, r={r}, scaling={alpha / r:g}, fan_in_fan_out={fan_in_fan_out})",
-            hint="a Conv1D weight is (in x out): transpose the (out x in) update before adding it" if fan_in_fan_out else None,
+            hint="a Conv1D weight is stored (in x out): which layout is your update in?" if fan_in_fan_out else None,
         )
 
 
 @exercise_check(
     "merge_weight",
     cases=_merge_weight_cases,
-    idea="the merged weight is W + scaling * (B @ A), in the layout the weight is stored in",
+    idea="the update is an (out x in) matrix; the weight may be stored the other way round",
+    formula="W + scaling * (B @ A), transposed to (in x out) first when fan_in_fan_out=True",
 )
 def check_merge_weight(fn: Callable[..., torch.Tensor]) -> None:
     """Check ``fn(weight, lora_A, lora_B, scaling, fan_in_fan_out=False)`` against ``LoRALinear.merge``."""
+
+
+def reference_merge_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+                           scaling: float, fan_in_fan_out: bool = False) -> torch.Tensor:
+    """The library's merge of one weight: ``LoRALinear.merge()`` on a layer that holds ``weight``.
+
+    Notebook 01's fallback for ``merge_weight`` while the exercise is a stub (a
+    ``Conv1D`` base when ``fan_in_fan_out``, an ``nn.Linear`` otherwise). The global RNG is
+    left as it was.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    from .. import LoRALinear
+
+    out_features, in_features = lora_B.shape[0], lora_A.shape[1]
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        base = Conv1D(out_features, in_features) if fan_in_fan_out else nn.Linear(in_features, out_features, bias=False)
+        base.weight.copy_(weight)
+        layer = LoRALinear(base, r=lora_A.shape[0], alpha=1.0)
+        layer.scaling = scaling
+        layer.lora_A.copy_(lora_A)
+        layer.lora_B.copy_(lora_B)
+        layer.merge()
+    return layer.base.weight.detach().clone()
+
+
+def _alpha_bug_ratio_cases() -> Iterator[Case]:
+    from .. import LoRALinear
+
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(64, 64), r=16, alpha=32.0)
+    with torch.no_grad():
+        layer.lora_B.normal_()  # a trained-looking B
+        right = layer.delta_weight().norm()
+        layer.scaling = 32.0  # the bug: alpha instead of alpha / r
+        wrong = layer.delta_weight().norm()
+    yield Case(expected=float(wrong / right), label="your predicted ratio |dW_bug| / |dW| for r=16, alpha=32")
+
+
+@exercise_check(
+    "alpha_bug_ratio",
+    cases=_alpha_bug_ratio_cases,
+    idea="only the number in front of B @ A changes; compare that number in the two layers",
+    formula="ratio = alpha / (alpha / r) = r",
+    expects="value",
+)
+def check_alpha_bug_ratio(predicted_ratio: float) -> None:
+    """Check a prediction: how many times larger the update of a layer scaled by alpha (not alpha / r) is."""

@@ -224,8 +224,10 @@ def code_shape(line: str) -> list[str]:
 
     Comments and strings are dropped, numbers become ``#``, and local names become ``_``
     (attributes, called functions, keyword-argument names, builtins, ``torch``, ``nn``,
-    ``F`` and ``self`` are kept), so ``m.mul_(b1).add_(g, alpha=1 - b1)`` and
-    ``m.mul_(beta1).add_(grad, alpha=1.0 - beta1)`` have the same shape.
+    ``F`` and ``self`` are kept), and a local name indexed by a name or a string is one
+    local name, so ``m.mul_(b1).add_(g, alpha=1 - b1)`` and
+    ``m.mul_(beta1).add_(grad, alpha=1.0 - beta1)`` have the same shape, and so have
+    ``s["lora_E"].view(-1)`` and ``s_E.view(-1)``.
     """
     try:
         tokens = list(tokenize.generate_tokens(io.StringIO(line.strip() + "\n").readline))
@@ -247,7 +249,12 @@ def code_shape(line: str) -> list[str]:
             text = text if following == "(" or is_kwarg else "_"
         out.append(text)
         previous = token.string
-    return out
+    collapsed: list[str] = []  # a local name indexed by a name or a string (d[k], d["key"]) is one local name
+    for text in out:
+        collapsed.append(text)
+        while collapsed[-4:] == ["_", "[", "_", "]"] or collapsed[-3:] == ["_", "[", "]"]:
+            del collapsed[-3 if collapsed[-2] == "_" else -2:]
+    return collapsed
 
 
 def solution_key(line: str) -> str | None:
