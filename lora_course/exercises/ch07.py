@@ -45,7 +45,9 @@ def _sensitivity_ema_cases() -> Iterator[Case]:
 @exercise_check(
     "sensitivity_ema",
     cases=_sensitivity_ema_cases,
-    idea="I = |w * grad|; Ibar = beta1 * Ibar + (1 - beta1) * I; U = beta2 * U + (1 - beta2) * |I - Ibar| (new Ibar)",
+    idea="three quantities, in order: the sensitivity, its moving average, and the moving average of how far "
+         "the sensitivity strays from that average",
+    formula="I = |w * grad|; Ibar = beta1 * Ibar + (1 - beta1) * I; U = beta2 * U + (1 - beta2) * |I - Ibar| (the new Ibar)",
 )
 def check_sensitivity_ema(fn: Callable[..., tuple]) -> None:
     """Check ``fn(w, grad, exp_avg_ipt, exp_avg_unc, beta1, beta2) -> (ipt, exp_avg_ipt, exp_avg_unc)``
@@ -62,14 +64,15 @@ def _triplet_score_cases() -> Iterator[Case]:
         expected = alloc.triplet_scores(model)[name]
         yield Case(args=(s_A, s_E, s_B), expected=expected,
                    label=f"triplet_score(s_A {tuple(s_A.shape)}, s_E {tuple(s_E.shape)}, s_B {tuple(s_B.shape)})",
-                   hint="Q = A is (r x in): average each row; P = B is (out x r): average each column"
+                   hint="triplet i owns row i of Q = A (r x in) and column i of P = B (out x r): which dim is that?"
                    if out_f != in_f else None)
 
 
 @exercise_check(
     "triplet_score",
     cases=_triplet_score_cases,
-    idea="score_i = s_E[i] + mean of row i of s_A + mean of column i of s_B, a vector of length r",
+    idea="a triplet's score adds its lambda's score to the average score of its own entries of Q and of P",
+    formula="score_i = s_E[i] + mean of row i of s_A + mean of column i of s_B, a vector of length r",
 )
 def check_triplet_score(fn: Callable[..., torch.Tensor]) -> None:
     """Check ``fn(s_A, s_E, s_B) -> (r,)`` against ``RankAllocator.triplet_scores``."""
@@ -95,9 +98,53 @@ def _budget_schedule_cases() -> Iterator[Case]:
 @exercise_check(
     "budget_schedule",
     cases=_budget_schedule_cases,
-    idea="warm-up (step <= tinit): (init, False); then int((init - target) * (1 - progress)**3 + target), "
-         "masking when step % deltaT == 0",
+    idea="three phases: warm-up, the cubic decrease, the final phase; write each one's (budget, mask_now)",
+    formula="step <= tinit: (init, False); step > total - tfinal: (target, True); else "
+            "(int((init - target) * (1 - (step - tinit) / (total - tfinal - tinit))**3 + target), step % deltaT == 0)",
 )
 def check_budget_schedule(fn: Callable[..., tuple]) -> None:
     """Check ``fn(step, init_bgt, target_bgt, tinit, tfinal, total_step, deltaT) -> (budget, mask_now)``
     against ``RankAllocator.budget_schedule``."""
+
+
+# ---------------------------------------------------------------- notebook 07's fallbacks (the library)
+
+
+def reference_sensitivity_ema(w, grad, exp_avg_ipt, exp_avg_unc, beta1=0.85, beta2=0.85):
+    """``RankAllocator.update_ipt`` on one tensor: notebook 07's fallback for ``sensitivity_ema``."""
+    from .. import RankAllocator, add_adalora
+
+    with torch.random.fork_rng(devices=[]):
+        model = add_adalora(nn.Sequential(nn.Linear(w.shape[1], 1)), ["0"], init_r=w.shape[0])
+    alloc = RankAllocator(model, init_r=w.shape[0], target_r=1, total_step=10, beta1=beta1, beta2=beta2)
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_A.copy_(w)
+    layer.lora_A.grad = grad.detach().clone()
+    for p in (layer.lora_E, layer.lora_B):
+        p.grad = torch.zeros_like(p)
+    alloc.update_ipt(model)  # creates the state; restart it from the given averages
+    alloc.exp_avg_ipt["0.lora_A"], alloc.exp_avg_unc["0.lora_A"] = exp_avg_ipt.clone(), exp_avg_unc.clone()
+    alloc.update_ipt(model)
+    return alloc.ipt["0.lora_A"], alloc.exp_avg_ipt["0.lora_A"], alloc.exp_avg_unc["0.lora_A"]
+
+
+def reference_triplet_score(s_A, s_E, s_B):
+    """``RankAllocator.triplet_scores`` on one matrix's entry scores: notebook 07's fallback."""
+    with torch.random.fork_rng(devices=[]):
+        alloc, model, name = _allocator_for_checks(s_B.shape[0], s_A.shape[1], s_A.shape[0])
+    for factor, score in (("lora_A", s_A), ("lora_E", s_E), ("lora_B", s_B)):
+        alloc.exp_avg_ipt[f"{name}.{factor}"] = score.detach().clone()
+        alloc.exp_avg_unc[f"{name}.{factor}"] = torch.ones_like(score)
+    return alloc.triplet_scores(model)[name]
+
+
+def reference_budget_schedule(step, init_bgt, target_bgt, tinit, tfinal, total_step, deltaT):
+    """``RankAllocator.budget_schedule``: notebook 07's fallback for ``budget_schedule``."""
+    from .. import RankAllocator, add_adalora
+
+    with torch.random.fork_rng(devices=[]):
+        model = add_adalora(nn.Sequential(nn.Linear(2, 2)), ["0"], init_r=init_bgt)
+    alloc = RankAllocator(model, init_r=init_bgt, target_r=target_bgt, tinit=tinit, tfinal=tfinal, deltaT=deltaT,
+                          total_step=total_step)
+    return alloc.budget_schedule(step)
