@@ -185,9 +185,16 @@ def find_lora_targets(
             names = [n for n in names if n not in read_raw]
     else:
         names = [n for n, _ in named if name_matches(n, target_modules)]
-    names = [n for n in names if not excluded_by_modules_to_save(n, modules_to_save)]
+    inside_saved = [n for n in names if excluded_by_modules_to_save(n, modules_to_save)]
+    names = [n for n in names if n not in inside_saved]
     if exclude_modules:
         names = [n for n in names if not name_matches(n, exclude_modules)]
+    if not names and inside_saved:
+        raise ValueError(
+            f"target_modules={target_modules!r} matched only {inside_saved}, which lie in modules_to_save="
+            f"{list(modules_to_save or ())!r} (trained whole, so no adapter goes inside them, as in PEFT); "
+            "target other layers or drop them from modules_to_save"
+        )
     if not names:
         raise ValueError(
             f"target_modules={target_modules!r} matched no module; {linear_names_hint(model)}"

@@ -113,7 +113,7 @@ ADD_CASES = [
     (add_lora, dict(target_modules="fc.*x"), r"target_modules='fc.\*x' matched no module"),
     (add_lora, dict(modules_to_save="last"), r"modules_to_save must be"),
     (add_lora, dict(modules_to_save=["nope"]), r"modules_to_save=\['nope'\] matched no module"),
-    (add_lora, dict(target_modules=["fc1"], modules_to_save=["fc1"]), r"target_modules=\['fc1'\] matched no module"),
+    (add_lora, dict(target_modules=["fc1"], modules_to_save=["fc1"]), r"matched only \['fc1'\], which lie in modules_to_save"),
     (add_pissa, dict(r=0), r"\br must be"),
     # add_qlora
     (add_qlora, dict(blocksize=63), r"blocksize=63"),

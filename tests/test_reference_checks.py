@@ -16,7 +16,8 @@ import torch
 
 from lora_course import AdamW8bit, quantize_nf4
 from lora_course.models import tiny_llama
-from test_lora import build_pair, maxdiff, randomize_b
+from lora_course.compare import max_abs_diff as maxdiff
+from test_lora import build_pair, randomize_b
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
