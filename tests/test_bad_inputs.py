@@ -662,3 +662,46 @@ def test_lora_linear_refuses_bad_arguments_before_touching_the_layer():
                           (dict(r=np.float64(2)), r"\br must be"), (dict(init="pissa", r=8), "init='pissa'")]:
         expect_refusal(lambda: LoRALinear(base, **kwargs), match, base)
     assert base.weight.requires_grad
+
+
+def embedding_last(model: nn.Module) -> nn.Module:
+    model.last = nn.Embedding(16, 2)
+    return model
+
+
+EVERY_ADD = {
+    "add_lora": lambda m, t: add_lora(m, t, r=2),
+    "add_pissa": lambda m, t: add_pissa(m, t, r=2),
+    "add_dora": lambda m, t: add_dora(m, t, r=2),
+    "add_adalora": lambda m, t: add_adalora(m, t, init_r=2),
+    "add_qlora": lambda m, t: add_qlora(m, t, r=2),
+    "add_vera": lambda m, t: add_vera(m, t, r=2),
+    "add_int8": lambda m, t: add_int8(m, t),
+    "add_lora_ga": lambda m, t: add_lora_ga(m, {n: torch.randn(m.get_submodule(n).weight.shape) for n in t
+                                                if n != "last"}, t, r=1),
+}
+
+
+@pytest.mark.parametrize("name", list(EVERY_ADD))
+def test_every_add_function_refuses_a_last_target_it_cannot_wrap_and_a_retry_works(name):
+    """The last target is an nn.Embedding: refused by name before any layer is built."""
+    model = embedding_last(Net())
+    expect_refusal(lambda: EVERY_ADD[name](model, ["fc1", "fc2", "last"]), r"last \(Embedding\)", model)
+    EVERY_ADD[name](model, ["fc1", "fc2"])
+    assert type(model.fc1) is not nn.Linear and type(model.fc2) is not nn.Linear
+
+
+INT8_LORA_CASES = [
+    (dict(r=0), r"\br must be"),
+    (dict(alpha=INF), r"alpha must be a finite"),
+    (dict(use_rslora="no"), r"use_rslora must be True or False"),
+    (dict(init="olora"), r"init='olora'"),
+    (dict(target_modules=["nope"]), r"matched no Int8Linear layer"),
+]
+
+
+@pytest.mark.parametrize("kwargs, match", INT8_LORA_CASES)
+def test_add_int8_lora_refuses_bad_arguments_and_changes_nothing(kwargs, match):
+    model = add_int8(Net())
+    expect_refusal(lambda: add_int8_lora(model, **kwargs), match, model)
+    add_int8_lora(model, r=2)
