@@ -96,7 +96,7 @@ def test_solution_leaks_finds_a_solution_printed_elsewhere() -> None:
 
 # Chapters rebuilt under issue 21: the mechanism is written on the page, and its core cells are
 # exercises in the reading flow (before the Summary) with a fallback to the library.
-BUILT_ON_THE_PAGE = ("01_lora_from_scratch.ipynb", "07_adalora.ipynb")
+BUILT_ON_THE_PAGE = ("01_lora_from_scratch.ipynb", "07_adalora.ipynb", "09_longlora_shift_short_attention.ipynb")
 
 
 @pytest.mark.parametrize("name", BUILT_ON_THE_PAGE)

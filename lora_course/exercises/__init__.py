@@ -93,7 +93,7 @@ from .ch05 import check_nf4_input_grad, check_qlora_forward, check_qlora_layer_b
 from .ch06 import check_full_ft_bytes_per_param, check_peak_bytes
 from .ch07 import check_budget_schedule, check_sensitivity_ema, check_triplet_score
 from .ch08 import check_dora_forward, check_dora_magnitude_init, check_dora_merge
-from .ch09 import check_group_causal_mask, check_roll_second_half, check_to_groups
+from .ch09 import check_group_causal_mask, check_group_pairs, check_roll_second_half, check_to_groups
 from .ch10 import check_eckart_young_floor, check_equal_budget_rank
 from .ch11 import check_loraplus_param_groups, check_pissa_init, check_vera_forward
 from .ch12 import check_lora_ga_init
