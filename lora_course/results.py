@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import statistics
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,3 +99,23 @@ def verdict_line(a: Summary, b: Summary, z: float = 2.0) -> str:
     """One printed line: ``a vs b: +0.0123 +- 0.0100 -> not distinguishable``."""
     diff, se, verdict = compare(a, b, z)
     return f"{a.config} vs {b.config}: {diff:+.4f} +- {se:.4f} -> {verdict}"
+
+
+def smallest_within_one_se(summaries: Mapping[int, Summary]) -> int:
+    """The one-standard-error rule: the smallest key (a rank) whose mean accuracy is at least
+    the best mean minus the best configuration's standard error.
+
+    Args:
+        summaries: rank -> :class:`Summary` (higher ``mean`` is better).
+
+    Raises:
+        ValueError: if ``summaries`` is empty or a standard error is not a finite number >= 0
+            (one seed gives no standard error: run at least 2, the protocol runs 3).
+    """
+    if not summaries:
+        raise ValueError("summaries is empty; allowed values: a mapping rank -> Summary with at least one entry")
+    bad = {k: s.se for k, s in summaries.items() if not (isinstance(s.se, (int, float)) and math.isfinite(s.se) and s.se >= 0)}
+    if bad:
+        raise ValueError(f"standard errors must be finite numbers >= 0, got {bad} (run at least 2 seeds)")
+    best = max(summaries.values(), key=lambda s: s.mean)
+    return min(k for k, s in summaries.items() if s.mean >= best.mean - best.se)

@@ -397,7 +397,7 @@ def test_each_chapter_module_holds_its_notebooks_checks() -> None:
                    if name.startswith("check_") and getattr(obj, "__module__", None) == module.__name__}
         assert defined == called, f"{path.name}: lora_course/exercises/ch{number:02d}.py defines {sorted(defined)}"
     assert sum(len([n for n in vars(m) if n.startswith("check_")]) for m in exercises.CHAPTERS.values()) == len(CHECKS)
-    for bad in (15, -1, "5", 5.0, True):
+    for bad in (16, -1, "5", 5.0, True):
         with pytest.raises(ValueError, match=f"number={bad!r} has no chapter"):
             exercises.chapter(bad)
 

@@ -83,7 +83,7 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import ch00, ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09, ch10, ch11, ch12, ch13, ch14
+from . import ch00, ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09, ch10, ch11, ch12, ch13, ch14, ch15
 from .ch00 import check_linear_param_count
 from .ch01 import check_alpha_bug_ratio, check_lora_forward, check_lora_trainable_params, check_merge_weight
 from .ch02 import check_adapter_file_bytes, check_lora_config_trainable, check_peft_scaling
@@ -99,6 +99,7 @@ from .ch11 import check_loraplus_param_groups, check_pissa_init, check_vera_forw
 from .ch12 import check_lora_ga_init
 from .ch13 import check_ddp_allreduce_bytes, check_zero_stage_bytes
 from .ch14 import check_int8_vectorwise, check_moment_update, check_outlier_split
+from .ch15 import check_dq_overhead_bits, check_same_update_lr, check_smallest_good_rank
 from .framework import (
     CHECKS,
     EXERCISE_PRELUDE,
@@ -122,7 +123,7 @@ from .framework import (
 # Chapter number -> the module with that notebook's checks (notebooks/NN_*.ipynb).
 CHAPTERS: dict[int, ModuleType] = {
     int(module.__name__.rpartition(".ch")[2]): module
-    for module in (ch00, ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09, ch10, ch11, ch12, ch13, ch14)
+    for module in (ch00, ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09, ch10, ch11, ch12, ch13, ch14, ch15)
 }
 
 
