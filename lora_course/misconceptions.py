@@ -120,6 +120,49 @@ REGISTER: tuple[Misconception, ...] = (
         "training only, inference keeps full attention.",
         "2309.12307", "09_longlora_shift_short_attention", "cell-10",
     ),
+    Misconception(
+        "alpha-convention-is-cosmetic",
+        "alpha, alpha/r and alpha/sqrt(r) are naming conventions: the same r, alpha and lr train the same adapter.",
+        "The scale in front of BA multiplies the learning rate: the first update grows with scale^2 x lr under SGD and "
+        "scale x lr under Adam (measured 256x and 16x between alpha and alpha/r at r = 16); rescaling lr matches the "
+        "first step, and the whole run only when A is frozen.",
+        "2106.09685", "15_what_people_ask", "cell-03",
+    ),
+    Misconception(
+        "merge-into-4bit-is-exact",
+        "Merging a QLoRA adapter with merge_and_unload gives the model that was trained.",
+        "The adapter was trained on dequant(NF4(W)): PEFT's 4-bit merge re-quantizes W + sBA and merging into the original "
+        "16-bit W adds back the quantization error; only dequantize-then-merge in float reproduces the trained outputs.",
+        "2305.14314", "15_what_people_ask", "cell-14",
+    ),
+    Misconception(
+        "qlora-always-less-memory",
+        "QLoRA always needs clearly less memory than LoRA.",
+        "QLoRA only shrinks the frozen weights of the quantized layers and adds constants and a dequantized weight per "
+        "matmul; on small models the peaks are within a few percent, so other differences between runs decide.",
+        "2305.14314", "15_what_people_ask", "cell-17",
+    ),
+    Misconception(
+        "dora-magnitude-per-input",
+        "DoRA keeps one magnitude per input feature (the paper's 1 x k vector read on nn.Linear's weight).",
+        "The magnitude is per output feature (row norms of the (out, in) weight), as PEFT and the official code; the "
+        "per-input reading agrees at B = 0 and differs once B is non-zero.",
+        "2402.09353", "15_what_people_ask", "cell-28",
+    ),
+    Misconception(
+        "adalora-prunes-by-itself",
+        "AdaLoRA lowers the ranks on its own during training.",
+        "Ranks change only inside update_and_allocate, called after each optimizer step; without the call PEFT's and our "
+        "AdaLoRA keep init_r in every layer.",
+        "2303.10512", "15_what_people_ask", "cell-31",
+    ),
+    Misconception(
+        "rslora-training-only",
+        "use_rslora is a training trick; at inference an adapter can be applied with alpha/r.",
+        "The flag sets the constant in front of BA at inference too: ignoring it makes every update sqrt(r) times too "
+        "small (4x at r = 16).",
+        "2312.03732", "15_what_people_ask", "cell-38",
+    ),
 )
 
 

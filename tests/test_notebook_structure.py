@@ -133,8 +133,8 @@ def test_structure_problems_are_caught(executed: dict, tmp_path: Path, edit, nam
 
 
 def test_notebook_map_numbers_and_slugs_are_fixed() -> None:
-    assert len(NOTEBOOK_MAP) == 15
-    assert [int(s[:2]) for s in NOTEBOOK_MAP] == list(range(15))
+    assert len(NOTEBOOK_MAP) == 16
+    assert [int(s[:2]) for s in NOTEBOOK_MAP] == list(range(16))
     assert all(re.fullmatch(r"\d\d_[a-z0-9_]+", s) for s in NOTEBOOK_MAP)
 
 

@@ -25,6 +25,7 @@ NOTEBOOK_MAP: tuple[str, ...] = (
     "12_interview_question_bank",
     "13_lora_at_scale",
     "14_int8_and_8bit_optimizers",
+    "15_what_people_ask",
 )
 
 KERNEL_NAME = "lora-course"
