@@ -64,9 +64,11 @@ test-browser: setup
 
 ## Re-execute every notebook in place (outputs committed), regenerate notebook 12's Interview Q&A
 ## from the chapters' (re-executing 12 if it changed), then regenerate the learner copies.
+## The bank (notebook 12's Q&A, generated from the chapters' Markdown) is written first, so that
+## notebook 12 executes on the current chapters.
 notebooks: setup
+	LORA_COURSE_DEVICE=$${LORA_COURSE_DEVICE:-cpu} $(PY) -m lora_course.notebook_tools bank --no-execute
 	LORA_COURSE_DEVICE=$${LORA_COURSE_DEVICE:-cpu} $(PY) -m lora_course.notebook_tools execute notebooks/[0-9]*.ipynb
-	LORA_COURSE_DEVICE=$${LORA_COURSE_DEVICE:-cpu} $(PY) -m lora_course.notebook_tools bank
 	$(MAKE) exercises
 	$(MAKE) readme-table
 

@@ -153,6 +153,11 @@ def _worker(method: str, out: Path, strategy: str = "ddp") -> None:
             "losses": losses, "world_size": world, "allreduce_bytes_per_step": sent["bytes"] / steps,
             "allreduce_calls_per_step": sent["calls"] / steps, "gradient_bytes": allreduce_bytes_per_step(model),
         }))
+    # Tear down together: a rank that destroys the group (and exits) while its peer still holds
+    # the DDP reducer and gloo's threads can make that peer abort in C++ ("terminate called
+    # without an active exception", SIGABRT), seen once in a run of notebook 13.
+    dist.barrier()
+    del wrapped
     dist.destroy_process_group()
 
 
