@@ -300,6 +300,7 @@ def run_study(study: str, fresh: bool = False) -> Path:
     """Run what is missing of ``study``; once complete, move its file out of ``in_progress/``."""
     configs = STUDIES[study]()
     suite = suite_for(study, fresh)
+    suite.names = tuple(c.name for c in configs)
     suite.run_all(configs, desc=study)
     suite.save([c.name for c in configs])
     final = RESULTS_DIR / f"{study}.json"

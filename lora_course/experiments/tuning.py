@@ -67,6 +67,7 @@ class Suite:
     max_extensions: int = 2
     description: str = ""
     shared: tuple[Path, ...] = ()  # other studies' files whose identical runs are copied, not re-run
+    names: tuple[str, ...] = ()  # every configuration of the study: the file is complete when all are
     runs: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -112,7 +113,7 @@ class Suite:
         run, extra = config.run(lr, seed, self.protocol)
         self.seconds += time.perf_counter() - start
         record = {"config": config.name, **config.fields, "seed": seed, "lr": lr, **run.record(), **extra,
-                  "cpu_seconds": round(time.process_time() - cpu, 1)}
+                  "cpu_seconds": round(time.process_time() - cpu, 1), "threads": torch.get_num_threads()}
         self.runs.append(record)
         self.save()
         return record
@@ -142,6 +143,7 @@ class Suite:
         return lr
 
     def run_all(self, configs: Sequence[Config], desc: str = "configurations") -> None:
+        self.names = tuple(dict.fromkeys((*self.names, *(c.name for c in configs))))
         for config in tqdm(configs, desc=desc, mininterval=10.0):
             self.run_config(config)
 
@@ -158,7 +160,9 @@ class Suite:
         return True
 
     def save(self, names: Sequence[str] | None = None) -> None:
-        names = names if names is not None else list(dict.fromkeys(r["config"] for r in self.runs))
+        """Write the file; ``complete`` is judged over ``names`` (default: the study's configurations
+        given to :meth:`run_all`, else those with runs)."""
+        names = names if names is not None else (self.names or list(dict.fromkeys(r["config"] for r in self.runs)))
         record = {"task": self.description, "protocol": self.protocol.as_dict(), "seeds": list(self.seeds),
                   "grid_seed": GRID_SEED, "complete": self.complete(names), "wall_seconds": round(self.seconds, 1),
                   "cpu_seconds": round(sum(r.get("cpu_seconds", r["seconds"]) for r in self.runs), 1),
