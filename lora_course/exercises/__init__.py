@@ -90,7 +90,7 @@ from .ch02 import check_adapter_file_bytes, check_lora_config_trainable, check_p
 from .ch03 import check_dequantize_blocks, check_nf4_levels, check_pack_nibbles
 from .ch04 import check_dequantize_absmax, check_lut_code_index, check_nf4_bits_per_param
 from .ch05 import check_nf4_input_grad, check_qlora_forward, check_qlora_layer_bytes
-from .ch06 import check_full_ft_bytes_per_param, check_peak_bytes
+from .ch06 import check_full_ft_bytes_per_param, check_layer_activation_bytes, check_peak_bytes
 from .ch07 import check_budget_schedule, check_sensitivity_ema, check_triplet_score
 from .ch08 import check_dora_forward, check_dora_magnitude_init, check_dora_merge
 from .ch09 import check_group_causal_mask, check_group_pairs, check_roll_second_half, check_to_groups

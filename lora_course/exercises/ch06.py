@@ -51,3 +51,42 @@ def _peak_cases() -> Iterator[Case]:
 )
 def check_peak_bytes(fn: Callable[..., int]) -> None:
     """Check ``fn(**parts) -> peak bytes`` against ``MemoryBreakdown.peak``."""
+
+
+def reference_layer_activation_bytes(h: int, i: int, heads: int, kv_heads: int, head_dim: int, d: int) -> int:
+    """Bytes one full-fine-tuned Llama decoder layer keeps per token: notebook 06's fallback.
+
+    Read off ``activation_bytes`` as the difference between a 2-layer and a 1-layer model
+    of these shapes (``d`` = 4: float32, 2: bfloat16), per token.
+    """
+    from transformers import LlamaConfig
+
+    from ..memory_estimate import activation_bytes
+
+    dtype = {4: torch.float32, 2: torch.bfloat16}[d]
+    shape = dict(hidden_size=h, intermediate_size=i, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                 head_dim=head_dim, vocab_size=128)
+    one, _ = activation_bytes(LlamaConfig(num_hidden_layers=1, **shape), 1, 8, dtype)
+    two, _ = activation_bytes(LlamaConfig(num_hidden_layers=2, **shape), 1, 8, dtype)
+    return (two - one) // 8
+
+
+def _layer_activation_cases() -> Iterator[Case]:
+    shapes = [(576, 1536, 9, 3, 64, 4), (576, 1536, 9, 3, 64, 2), (64, 176, 4, 2, 16, 4), (4096, 11008, 32, 32, 128, 2),
+              (2048, 5632, 32, 4, 64, 2)]
+    for h, i, heads, kv, hd, d in shapes:
+        yield Case(args=(h, i, heads, kv, hd, d), expected=reference_layer_activation_bytes(h, i, heads, kv, hd, d),
+                   label=f"layer_activation_bytes(h={h}, i={i}, heads={heads}, kv_heads={kv}, head_dim={hd}, d={d})",
+                   hint="k and v have kv_heads heads, q and the output have heads" if kv != heads else None)
+
+
+@exercise_check(
+    "layer_activation_bytes",
+    cases=_layer_activation_cases,
+    idea="walk through the layer in order (norm, q/k/v, attention, norm, MLP) and add what each saves for backward; "
+         "a tensor two operations share is kept once",
+    formula="2 * (4h + 4 + d*h) [two norms] + d*h [q/k/v input] + 2*d*heads*hd + 2*d*kv_heads*hd + 4*heads [SDPA] "
+            "+ d*h [gate/up input] + 4*d*i [gate, up, silu(gate), their product]",
+)
+def check_layer_activation_bytes(fn: Callable[..., int]) -> None:
+    """Check ``fn(h, i, heads, kv_heads, head_dim, d)``: bytes per token one full-fine-tuned decoder layer keeps."""
