@@ -66,13 +66,6 @@ def check_bool(name: str, value: Any) -> bool:
     return value
 
 
-def check_choice(name: str, value: Any, allowed: tuple[Any, ...]) -> Any:
-    """``value`` must be one of ``allowed``."""
-    if isinstance(value, bool) or value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
-    return value
-
-
 def check_float_dtype(name: str, value: Any) -> torch.dtype:
     """``value`` must be torch.float32, torch.float16 or torch.bfloat16."""
     if value not in FLOAT_DTYPES:

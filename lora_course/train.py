@@ -406,8 +406,7 @@ def fit(
         raise ValueError("model has no trainable parameters (requires_grad=True): unfreeze some or add an adapter")
     opt = (make_optimizer(model, lr, protocol.weight_decay) if make_optimizer is not None
            else torch.optim.AdamW(params, lr=lr, weight_decay=protocol.weight_decay))
-    inner = getattr(opt, "inner", opt)
-    peak = [group["lr"] for group in inner.param_groups]
+    peak = [group["lr"] for group in opt.param_groups]
     device = params[0].device
     data = _tokenize(tokenizer, splits["train"], protocol.max_length)
     batches = length_grouped_batches(data, protocol.batch_size, protocol.group_by_length, seed)
@@ -423,7 +422,7 @@ def fit(
     bar = tqdm(total=protocol.max_steps, desc=desc, disable=not progress, file=sys.stderr, mininterval=5.0)
     try:
         for step in range(1, protocol.max_steps + 1):
-            for group, base_lr in zip(inner.param_groups, peak):
+            for group, base_lr in zip(opt.param_groups, peak):
                 group["lr"] = base_lr * protocol.lr_factor(step)
             batch = _to_device(next(batches), device)
             loss = model(**batch).loss
