@@ -15,7 +15,7 @@ missing and moved to ``data/results/<study>.json`` once complete):
 * ``rank_sweep``: LoRA on query/value at r in {1, 4, 8, 16, 64} (alpha = 16, scaling 16/r,
   PEFT's convention of a fixed alpha); rsLoRA (alpha/sqrt(r), arXiv 2312.03732) at r in
   {4, 8, 64} (at r = 1 the two conventions are the same adapter); placement at an equal
-  budget (q r=16, v r=16, q+v r=8, q+k+v+o r=4: 12,288 adapter parameters per layer each,
+  budget (q r=16, q+v r=8, q+k+v+o r=4: 12,288 adapter parameters per layer each,
   as the LoRA paper's Table 5 compares placements at one budget); full fine-tuning and the
   head alone on the frozen encoder.
 * ``adalora_minilm``: AdaLoRA on q, k, v and the attention output (init_r 6 -> target_r 4,
@@ -115,12 +115,15 @@ def head_config() -> Config:
 
 
 def rank_sweep_configs() -> list[Config]:
+    # Order only sets which runs come first: the configurations other studies share (rsLoRA
+    # r=8 with the zoo, q+k+v+o r=4 with AdaLoRA) early, the baselines last.
     ranks = [lora_config(f"lora_qv_r{r}", QV, r) for r in (8, 1, 64, 4, 16)]
+    rslora = [lora_config(f"rslora_qv_r{r}", QV, r, use_rslora=True) for r in (8, 4, 64)]
+    # Placement at one budget of 12,288 adapter parameters per layer: q alone, q+v, all four
+    # attention projections (the LoRA paper's Table 5 compares placements at one budget).
+    placement = [lora_config("lora_qkvo_r4", QKVO, 4), lora_config("lora_q_r16", ["query"], 16)]
     baselines = [full_config(), head_config()]
-    rslora = [lora_config(f"rslora_qv_r{r}", QV, r, use_rslora=True) for r in (4, 8, 64)]
-    placement = [lora_config("lora_q_r16", ["query"], 16), lora_config("lora_v_r16", ["value"], 16),
-                 lora_config("lora_qkvo_r4", QKVO, 4)]
-    return ranks + baselines + rslora + placement
+    return ranks[:2] + [rslora[0], placement[0]] + ranks[2:] + rslora[1:] + placement[1:] + baselines
 
 
 # AdaLoRA's budget schedule, fitted to the converged length of LoRA under the protocol (its
