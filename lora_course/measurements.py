@@ -108,6 +108,13 @@ def describe_record(check: str, directory: str | Path | None = None) -> str:
             f"bitsandbytes {v['bitsandbytes']}: {len(record['results'])} cases, worst max |diff| {worst:.3g} -> {verdict}")
 
 
+def show_record(check: str, directory: str | Path | None = None) -> None:
+    """Print the latest CUDA record of ``check`` (:func:`describe_record`) if one exists; print
+    nothing otherwise (the README's GPU status says which checks have a record)."""
+    if latest_record(check, directory) is not None:
+        print(describe_record(check, directory))
+
+
 def gpu_description() -> dict[str, Any]:
     """GPU name, CUDA version and driver version of this machine (``nvidia-smi``; None where absent)."""
     import torch

@@ -68,3 +68,13 @@ def test_write_record_round_trips_with_this_machines_versions(tmp_path, monkeypa
     import peft
     assert record["versions"]["peft"] == peft.__version__ and record["gpu"] == "test GPU"
     assert m.describe_record("lora_vs_peft", tmp_path).endswith("-> pass")
+
+
+def test_show_record_prints_only_an_existing_record(tmp_path, capsys, monkeypatch) -> None:
+    m.show_record("lora_vs_peft", tmp_path)
+    assert capsys.readouterr().out == ""  # no record: the notebook cell stays silent
+    monkeypatch.setattr(m, "gpu_description", lambda: {"gpu": "test GPU", "cuda_version": "0.0", "driver_version": None})
+    m.write_record("lora_vs_peft", [{"case": "float32", "max_abs_diff": 0.0, "tolerance": 0.0, "passed": True}],
+                   "make test-gpu", tmp_path)
+    m.show_record("lora_vs_peft", tmp_path)
+    assert capsys.readouterr().out.strip() == m.describe_record("lora_vs_peft", tmp_path)
