@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "data" / "results"
 RUN_FIELDS = ("config", "method", "seed", "lr", "steps", "val_curve", "best_val_accuracy", "test_accuracy")
 
 
@@ -47,6 +48,17 @@ def load(path: str | Path) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path.name} is not valid JSON ({exc.msg} at line {exc.lineno}); "
                          "re-run the experiment that writes it") from exc
+
+
+def study_file(study: str, results_dir: str | Path | None = None) -> Path | None:
+    """The converged file of ``study``: ``<study>.json`` once complete, else the one in
+    ``in_progress/``; ``None`` before the first run (a file without ``"protocol"``, written by
+    an older experiment, does not count)."""
+    folder = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    for path in (folder / f"{study}.json", folder / "in_progress" / f"{study}.json"):
+        if path.exists() and "protocol" in load(path):
+            return path
+    return None
 
 
 def runs_of(results: dict[str, Any], config: str) -> list[dict[str, Any]]:

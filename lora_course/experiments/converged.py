@@ -317,10 +317,9 @@ def summary_lines(study: str) -> list[str]:
     """One line per configuration of ``study`` that has runs (complete or in progress): its
     chosen rate, seeds, test accuracy +- standard error, validation, steps; then each
     configuration against LoRA q+v r=8 (or the study's second configuration) as a verdict."""
-    from ..results import configs, load, summarize, verdict_line
+    from ..results import configs, load, study_file, summarize, verdict_line
 
-    path = next((p for p in (RESULTS_DIR / f"{study}.json", IN_PROGRESS_DIR / f"{study}.json")
-                 if p.exists() and "protocol" in load(p)), None)
+    path = study_file(study, RESULTS_DIR)
     if path is None:
         return [f"{study}: no runs yet"]
     data = load(path)
