@@ -27,7 +27,6 @@ import argparse
 import logging
 import statistics
 import time
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -40,6 +39,7 @@ import bitsandbytes.functional as bnbF  # noqa: E402
 import peft  # noqa: E402
 
 from lora_course.qlora import QLoRALinear  # noqa: E402
+from lora_course.references import peft_lora_on_linear4bit  # noqa: E402
 from lora_course.quant import quantize_nf4  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -98,21 +98,7 @@ def bench_dequantize(w: torch.Tensor, reps: int) -> list[tuple[str, float, float
 
 def reference_layer(base: nn.Linear, q: QLoRALinear) -> nn.Module:
     """PEFT LoRA on bitsandbytes' Linear4bit holding base's weight (NF4, double quantization), q's factors."""
-    lin = bitsandbytes.nn.Linear4bit(base.in_features, base.out_features, bias=base.bias is not None,
-                                     compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
-    lin.weight = bitsandbytes.nn.Params4bit(base.weight.detach().clone(), requires_grad=False, quant_type="nf4",
-                                            blocksize=64, compress_statistics=True)
-    if base.bias is not None:
-        lin.bias = nn.Parameter(base.bias.detach().clone(), requires_grad=False)
-    model = nn.Sequential(lin).to("cpu")  # .to quantizes the Params4bit
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(model, peft.LoraConfig(r=q.r, lora_alpha=q.alpha, target_modules=["0"]))
-    layer = pm.base_model.model[0]
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(q.lora_A)
-        layer.lora_B["default"].weight.copy_(q.lora_B)
-    return pm
+    return peft_lora_on_linear4bit(base, q.r, q.alpha, q.lora_A, q.lora_B, blocksize=64, double_quant=True)[0]
 
 
 def bench_qlora_layer(size: int, tokens: int, rank: int, reps: int) -> float:

@@ -10,30 +10,15 @@ from torch import nn
 from lora_course import count_parameters, merge_lora
 from lora_course.compare import max_abs_diff
 from lora_course.qlora import QLoRALinear, add_qlora
+from lora_course.references import peft_lora_on_linear4bit
 
 bnb = pytest.importorskip("bitsandbytes")
 peft = pytest.importorskip("peft")
 
 
 def _reference(base, q, blocksize, double_quant, compute_dtype, device="cpu"):
-    """PEFT LoRA on bitsandbytes' Linear4bit holding base's weight, with q's A and B;
-    quantized by bitsandbytes on ``device`` (its CUDA kernels there)."""
-    lin = bnb.nn.Linear4bit(base.in_features, base.out_features, bias=base.bias is not None,
-                            compute_dtype=compute_dtype, quant_type="nf4",
-                            compress_statistics=double_quant)
-    lin.weight = bnb.nn.Params4bit(base.weight.detach().cpu().clone(), requires_grad=False, quant_type="nf4",
-                                   blocksize=blocksize, compress_statistics=double_quant)
-    if base.bias is not None:
-        lin.bias = nn.Parameter(base.bias.detach().cpu().clone(), requires_grad=False)
-    model = nn.Sequential(lin).to(device)  # .to(device) quantizes Params4bit
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pm = peft.get_peft_model(model, peft.LoraConfig(r=q.r, lora_alpha=q.alpha, target_modules=["0"]))
-    layer = pm.base_model.model[0]
-    with torch.no_grad():
-        layer.lora_A["default"].weight.copy_(q.lora_A)
-        layer.lora_B["default"].weight.copy_(q.lora_B)
-    return pm, layer
+    """PEFT LoRA on bitsandbytes' Linear4bit holding base's weight, with q's A and B."""
+    return peft_lora_on_linear4bit(base, q.r, q.alpha, q.lora_A, q.lora_B, blocksize, double_quant, compute_dtype, device)
 
 
 # in_features a multiple of blocksize: bitsandbytes' AVX512 CPU dequantizer indexes the
