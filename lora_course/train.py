@@ -302,7 +302,7 @@ class ProtocolRun:
     best_step: int
     best_val_accuracy: float
     test_accuracy: float
-    stopped: str  # "plateau" or "max_steps"
+    stopped: str  # "plateau", "max_steps" or "stop_after"
     seconds: float
 
     def record(self) -> dict[str, Any]:
@@ -377,6 +377,7 @@ def fit(
     before_step: Callable[[int], None] | None = None,
     after_step: Callable[[int], None] | None = None,
     min_steps: int = 0,
+    stop_after: int | None = None,
     progress: bool = True,
     desc: str = "fit",
 ) -> ProtocolRun:
@@ -396,8 +397,12 @@ def fit(
             (LoRA-Pro's gradient rewrite; Delta-LoRA's base update, AdaLoRA's rank allocation).
         min_steps: no early stop before this step (a method with its own schedule, such as
             AdaLoRA's rank budget, is not stopped before the schedule has run).
+        stop_after: end after this step, under the same schedule (the learning rate still
+            decays towards ``max_steps``): the first steps of a recorded run, re-run to check
+            them against its curve. ``stopped`` is then ``"stop_after"``.
     """
     check_real("lr", lr, low=0, low_open=True)
+    check_int("stop_after", stop_after, allow_none=True)
     check_int("seed", seed, low=0)
     check_int("min_steps", min_steps, low=0)
     torch.manual_seed(seed)
@@ -451,6 +456,9 @@ def fit(
                 if since_best >= protocol.patience and step >= min_steps:
                     stopped = "plateau"
                     break
+            if stop_after is not None and step >= stop_after:
+                stopped = "stop_after"
+                break
     finally:
         bar.close()
         model.train(was_training)

@@ -100,6 +100,18 @@ def test_fit_is_reproducible_for_a_seed(tiny):
     assert curves[0] == curves[1]
 
 
+def test_fit_stop_after_reproduces_the_start_of_a_full_run(tiny):
+    """A prefix re-run (stop_after) follows the same schedule, so its curves are the full run's first points."""
+    tokenizer, config, splits = tiny
+    protocol = Protocol(batch_size=16, max_steps=60, eval_every=10, patience=50, warmup_steps=5)
+    full = fit(_model(config), tokenizer, splits, 1e-3, seed=1, protocol=protocol, progress=False)
+    prefix = fit(_model(config), tokenizer, splits, 1e-3, seed=1, protocol=protocol, stop_after=30, progress=False)
+    assert prefix.stopped == "stop_after" and prefix.steps == 30 and full.steps == 60
+    assert prefix.val_curve == full.val_curve[:3] and prefix.loss_curve == full.loss_curve[:3]
+    with pytest.raises(ValueError, match="stop_after"):
+        fit(_model(config), tokenizer, splits, 1e-3, protocol=protocol, stop_after=0, progress=False)
+
+
 def test_fit_refuses_a_model_without_trainable_parameters(tiny):
     tokenizer, config, splits = tiny
     model = _model(config).requires_grad_(False)
