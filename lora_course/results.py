@@ -96,6 +96,44 @@ def configs(results: dict[str, Any]) -> list[str]:
     return list(dict.fromkeys(r["config"] for r in results["runs"]))
 
 
+def config_complete(results: dict[str, Any], config: str, grid_seed: int = 0) -> bool:
+    """Whether ``config`` has at least 3 rates on the grid seed and every seed of the file
+    (``results["seeds"]``) at its chosen rate."""
+    runs = [r for r in results["runs"] if r["config"] == config]
+    grid = {r["lr"] for r in runs if r["seed"] == grid_seed}
+    if len(grid) < 3:
+        return False
+    lr = chosen_lr(runs, grid_seed)
+    return {r["seed"] for r in runs if r["lr"] == lr} >= set(results.get("seeds", (0, 1, 2)))
+
+
+def complete_summaries(results: dict[str, Any], grid_seed: int = 0) -> dict[str, Summary]:
+    """:func:`summarize` of every complete configuration of the file (see :func:`config_complete`),
+    in file order; configurations still missing runs are left out."""
+    return {c: summarize(results, c, grid_seed) for c in configs(results) if config_complete(results, c, grid_seed)}
+
+
+def chosen_run(results: dict[str, Any], config: str, seed: int = 0, grid_seed: int = 0) -> dict[str, Any]:
+    """The run of ``config`` at its chosen learning rate with ``seed``.
+
+    Raises:
+        ValueError: if that run is not in the file yet.
+    """
+    runs = runs_of(results, config)
+    lr = chosen_lr(runs, grid_seed)
+    for r in runs:
+        if r["lr"] == lr and r["seed"] == seed:
+            return r
+    raise ValueError(f"config={config!r} has no run with seed={seed} at its chosen lr {lr:g} yet")
+
+
+def probe_accuracy(results_dir: str | Path | None = None) -> float:
+    """Test accuracy of the frozen MiniLM's mean-pooled features with a trained linear head
+    (``baseline.json``, ``python -m lora_course.experiments.baseline``)."""
+    folder = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    return float(load(folder / "baseline.json")["test_accuracy"])
+
+
 def compare(a: Summary, b: Summary, z: float = 2.0) -> tuple[float, float, str]:
     """``(a.mean - b.mean, standard error of that difference, verdict)``.
 

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..records import provenance, write_results
-from ..results import chosen_lr, load
+from ..results import chosen_lr, config_complete, load
 from ..train import Protocol, ProtocolRun
 
 SEEDS = (0, 1, 2)
@@ -149,15 +149,8 @@ class Suite:
 
     def complete(self, names: Sequence[str]) -> bool:
         """Whether every named configuration has its grid and all seeds at its chosen rate."""
-        for name in names:
-            runs = [r for r in self.runs if r["config"] == name]
-            grid = [r for r in runs if r["seed"] == GRID_SEED]
-            if len(grid) < 3:
-                return False
-            lr = chosen_lr(runs, GRID_SEED)
-            if {r["seed"] for r in runs if r["lr"] == lr} < set(self.seeds):
-                return False
-        return True
+        results = {"runs": self.runs, "seeds": list(self.seeds)}
+        return all(config_complete(results, name, GRID_SEED) for name in names)
 
     def save(self, names: Sequence[str] | None = None) -> None:
         """Write the file; ``complete`` is judged over ``names`` (default: the study's configurations
