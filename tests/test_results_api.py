@@ -9,7 +9,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
 from lora_course.figures import draw_references  # noqa: E402
-from lora_course.results import (chosen_run, complete_summaries, config_complete, probe_accuracy,  # noqa: E402
+from lora_course.results import (chosen_lr, chosen_run, complete_summaries, config_complete, probe_accuracy,  # noqa: E402
                                  summarize)
 
 
@@ -42,3 +42,11 @@ def test_probe_and_reference_lines():
     labels = [line.get_label() for line in ax.get_lines()]
     assert labels[0].startswith("frozen encoder") and labels[1].startswith("full fine-tuning: 0.7200")
     plt.close(fig)
+
+
+def test_a_validation_tie_goes_to_the_rate_that_got_there_first():
+    runs = [{**_run("c", lr, 0, 0.8, 0.7), "best_step": step} for lr, step in ((2.5e-4, 1500), (1e-3, 300), (4e-3, 150))]
+    runs[2]["best_val_accuracy"] = 0.78
+    assert chosen_lr(runs) == 1e-3  # same validation accuracy as 2.5e-4, reached 1200 steps earlier
+    runs[1]["best_step"] = 1500
+    assert chosen_lr(runs) == 2.5e-4  # a full tie: the smaller rate
