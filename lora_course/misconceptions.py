@@ -186,8 +186,8 @@ def _scale_shrinks(out: str) -> Finding:
 
 
 def _unmerged_cost(out: str) -> Finding:
-    unmerged, merged = numbers(r"unmerged LoRA: {n} FLOPs.*?merged: {n} FLOPs", out.replace("\n", " "))
-    return Finding(unmerged > merged, f"FLOPs per forward: unmerged {unmerged:g}, merged {merged:g}")
+    unmerged, merged = numbers(r"unmerged LoRA: {n} FLOPs.*?merged: {n} FLOPs", out.replace(",", ""))
+    return Finding(unmerged > merged, f"FLOPs per forward pass: unmerged {unmerged:,.0f}, merged {merged:,.0f} (the base model's)")
 
 
 def _optimizer_dtypes(out: str) -> Finding:
@@ -258,7 +258,7 @@ REGISTER: tuple[Misconception, ...] = (
         "Accuracy at a rank depends on model, task, data, training budget and seed; even one rank, one task and one "
         "learning rate give a different test accuracy per seed. Notebook 10 measures rank against accuracy at "
         "convergence.",
-        "2106.09685", "10_rank_vs_accuracy", 5, _rank_table,
+        "2106.09685", "10_rank_vs_accuracy", 3, _rank_table,
     ),
     Misconception(
         "adalora-importance-magnitude",

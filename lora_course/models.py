@@ -53,7 +53,7 @@ TINY_GPT2_DEFAULTS: dict[str, Any] = dict(
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """Silence transformers' load-time chatter (it can print machine paths)."""
     from transformers.utils import logging as hf_logging
 
@@ -295,7 +295,7 @@ def load_pretrained(
         raise ValueError(f"task={task!r} is not supported; allowed values: {', '.join(TASKS)}")
     unreachable = _prepare_hub_load(name_or_path, kwargs, for_model=True)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             model = classes[task].from_pretrained(str(name_or_path), **kwargs)
     except (OSError, ValueError) as exc:
         raise _load_error(name_or_path, "model", exc, unreachable) from None
@@ -309,7 +309,7 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     kwargs: dict[str, Any] = {}
     unreachable = _prepare_hub_load(name_or_path, kwargs, for_model=False)
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             return AutoTokenizer.from_pretrained(str(name_or_path), **kwargs)
     except (OSError, ValueError) as exc:
         raise _load_error(name_or_path, "tokenizer", exc, unreachable) from None

@@ -132,6 +132,14 @@ def _nf4_from(qtensors, shape, dtype, blocksize) -> NF4Weight:
                      qabsmax=qabsmax, absmax2=absmax2, offset=offset)
 
 
+def nf4_linear(x: torch.Tensor, nf4: NF4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ dequant(nf4).T + bias`` through QLoRA's autograd function: the weight is
+    dequantized in the forward and again in the backward, and only its packed codes and
+    constants are kept for the backward."""
+    q = (nf4.packed, nf4.absmax) if not nf4.double_quant else (nf4.packed, nf4.qabsmax, nf4.absmax2, nf4.offset)
+    return _NF4Linear.apply(x, bias, (nf4.shape, nf4.dtype, nf4.blocksize), *q)
+
+
 class NF4Linear(nn.Module):
     """A frozen ``nn.Linear`` (or GPT-2 ``Conv1D``) whose weight is kept only in NF4.
 

@@ -131,11 +131,13 @@ def chosen_run(results: dict[str, Any], config: str, seed: int = 0, grid_seed: i
     raise ValueError(f"config={config!r} has no run with seed={seed} at its chosen lr {lr:g} yet")
 
 
-def probe_accuracy(results_dir: str | Path | None = None) -> float:
-    """Test accuracy of the frozen MiniLM's mean-pooled features with a trained linear head
-    (``baseline.json``, ``python -m lora_course.experiments.baseline``)."""
+def probe_accuracy(split: str = "test", results_dir: str | Path | None = None) -> float:
+    """Accuracy on ``split`` ("val" or "test") of the frozen MiniLM's mean-pooled features with a
+    trained linear head (``baseline.json``, ``python -m lora_course.experiments.baseline``)."""
+    if split not in ("val", "test"):
+        raise ValueError(f"split={split!r} is not allowed; allowed values: 'val', 'test'")
     folder = Path(results_dir) if results_dir is not None else RESULTS_DIR
-    return float(load(folder / "baseline.json")["test_accuracy"])
+    return float(load(folder / "baseline.json")[f"{split}_accuracy"])
 
 
 def compare(a: Summary, b: Summary, z: float = 2.0) -> tuple[float, float, str]:

@@ -36,6 +36,9 @@ def test_complete_means_three_rates_and_every_seed_at_the_chosen_one():
 
 def test_probe_and_reference_lines():
     probe = probe_accuracy()
+    assert probe_accuracy("val") != probe and 0.5 < probe_accuracy("val") < 1.0
+    with pytest.raises(ValueError, match="split=.train."):
+        probe_accuracy("train")
     assert 0.5 < probe < 1.0
     fig, ax = plt.subplots()
     draw_references(ax, probe, summarize(_file(), "a"))

@@ -85,19 +85,21 @@ from types import ModuleType
 
 from . import ch00, ch01, ch02, ch03, ch04, ch05, ch06, ch07, ch08, ch09, ch10, ch11, ch12, ch13, ch14, ch15
 from .ch00 import check_linear_param_count
-from .ch01 import check_alpha_bug_ratio, check_lora_forward, check_lora_trainable_params, check_merge_weight
-from .ch02 import check_adapter_file_bytes, check_lora_config_trainable, check_peft_scaling
+from .ch01 import (check_alpha_bug_ratio, check_lora_forward, check_lora_scaling_fix, check_lora_trainable_params,
+                   check_merge_weight)
+from .ch02 import (check_adapter_file_bytes, check_conv1d_lora, check_fix_checkpointing, check_lora_config_trainable,
+                   check_peft_scaling)
 from .ch03 import check_dequantize_blocks, check_nf4_levels, check_pack_nibbles
-from .ch04 import check_dequantize_absmax, check_lut_code_index, check_nf4_bits_per_param
+from .ch04 import check_dequantize_absmax, check_dq_bits_prediction, check_lut_code_index, check_nf4_bits_per_param
 from .ch05 import check_nf4_input_grad, check_qlora_forward, check_qlora_layer_bytes
 from .ch06 import check_full_ft_bytes_per_param, check_layer_activation_bytes, check_peak_bytes
 from .ch07 import check_budget_schedule, check_sensitivity_ema, check_triplet_score
 from .ch08 import check_dora_forward, check_dora_magnitude_init, check_dora_merge
 from .ch09 import check_group_causal_mask, check_group_pairs, check_roll_second_half, check_to_groups
-from .ch10 import check_eckart_young_floor, check_equal_budget_rank
-from .ch11 import check_loraplus_param_groups, check_pissa_init, check_vera_forward
+from .ch10 import check_early_stop_step, check_eckart_young_floor, check_equal_budget_rank
+from .ch11 import check_lora_pro_grads, check_loraplus_param_groups, check_pissa_init, check_vera_forward
 from .ch12 import check_lora_ga_init
-from .ch13 import check_ddp_allreduce_bytes, check_zero_stage_bytes
+from .ch13 import check_ddp_allreduce_bytes, check_ddp_bytes_ratio, check_zero_stage_bytes
 from .ch14 import check_int8_vectorwise, check_moment_update, check_outlier_split
 from .ch15 import check_dq_overhead_bits, check_same_update_lr, check_smallest_good_rank
 from .framework import (

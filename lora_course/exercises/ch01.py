@@ -173,3 +173,49 @@ def _alpha_bug_ratio_cases() -> Iterator[Case]:
 )
 def check_alpha_bug_ratio(predicted_ratio: float) -> None:
     """Check a prediction: how many times larger the update of a layer scaled by alpha (not alpha / r) is."""
+
+
+def _lora_scaling_fix_cases() -> Iterator[Case]:
+    import copy
+
+    from peft import LoraConfig
+    from peft.tuners.lora import Linear as PeftLoraLinear
+
+    # r = 1 last: there alpha and alpha / r agree, so a layer that scales by alpha passes it
+    for seed, (d_in, d_out, r, alpha, lead) in enumerate(
+        [(16, 8, 4, 8.0, (3,)), (32, 24, 16, 16.0, (2, 5)), (12, 12, 2, 32.0, (4,)), (20, 10, 8, 8.0, (6,)),
+         (10, 20, 1, 4.0, (3,))]
+    ):
+        torch.manual_seed(100 + seed)
+        base = nn.Linear(d_in, d_out)
+        A, B, x = seeded_tensors(100 + seed, (r, d_in), (d_out, r), lead + (d_in,))  # B != 0: trained-looking
+        peft_layer = PeftLoraLinear(copy.deepcopy(base), "default", config=LoraConfig(r=r, lora_alpha=alpha),
+                                    r=r, lora_alpha=alpha)
+        with torch.no_grad():
+            peft_layer.lora_A["default"].weight.copy_(A)
+            peft_layer.lora_B["default"].weight.copy_(B)
+            expected = peft_layer(x)
+
+        def apply(cls: Any, base=base, A=A, B=B, x=x, r=r, alpha=alpha) -> torch.Tensor:
+            layer = cls(copy.deepcopy(base), r=r, alpha=alpha)
+            with torch.no_grad():
+                layer.lora_A.copy_(A)
+                layer.lora_B.copy_(B)
+                return layer(x)
+
+        yield Case(
+            expected=expected,
+            apply=apply,
+            label=f"your layer vs PEFT's lora.Linear(nn.Linear({d_in}, {d_out}), r={r}, lora_alpha={alpha:g}), B != 0",
+            hint=None if r == 1 else f"compare the size of your branch with PEFT's at r=1 and at r={r}",
+        )
+
+
+@exercise_check(
+    "lora_scaling_fix",
+    cases=_lora_scaling_fix_cases,
+    idea="the bug hides at r=1 and grows with r: which number in the forward pass depends on r in PEFT's layer?",
+    formula="h = base(x) + (alpha / r) * (x @ lora_A.T @ lora_B.T)",
+)
+def check_lora_scaling_fix(layer_class: type) -> None:
+    """Check a fixed LoRA layer class against PEFT's ``lora.Linear`` on the same weights (B != 0), for several ranks."""

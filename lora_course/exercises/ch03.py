@@ -26,7 +26,10 @@ def _nf4_levels_cases() -> Iterator[Case]:
 @exercise_check(
     "nf4_levels",
     cases=_nf4_levels_cases,
-    idea="8 positive quantiles at linspace(offset, 0.5, 9)[:-1], 7 negative at linspace(offset, 0.5, 8)[:-1], a 0, sorted, divided by the max",
+    idea="the levels are quantiles of the standard normal: more on the positive side than on the negative, "
+         "and one level that is exactly 0; then scale them into [-1, 1]",
+    formula="pos = ndtri(linspace(offset, 0.5, 9)[:-1]); neg = -ndtri(linspace(offset, 0.5, 8)[:-1]) (in float64); "
+            "v = sort(cat([pos, 0, neg]).float()); return v / v.max()",
 )
 def check_nf4_levels(fn: Callable[[float], torch.Tensor]) -> None:
     """Check ``fn(offset) -> (16,) float32`` against ``lora_course.nf4_code`` (equal to bitsandbytes' table)."""
@@ -57,8 +60,9 @@ def _exact_uint8(expected: Any, got: Any) -> str | None:
 @exercise_check(
     "pack_nibbles",
     cases=_pack_nibbles_cases,
-    idea="byte i holds code 2i in the high nibble (times 16) and code 2i+1 in the low nibble",
+    idea="a byte has two 4-bit halves; the first code of each pair goes in the upper half",
     compare=_exact_uint8,
+    formula="pad an odd count with one code 7; byte i = 16 * codes[2i] + codes[2i+1], as uint8",
 )
 def check_pack_nibbles(fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Check ``fn(codes) -> packed`` (1-D uint8, length (n+1)//2) against bitsandbytes' packing."""
@@ -79,7 +83,26 @@ def _dequantize_blocks_cases() -> Iterator[Case]:
 @exercise_check(
     "dequantize_blocks",
     cases=_dequantize_blocks_cases,
-    idea="unpack high then low nibble, look each code up in NF4_CODE, multiply by the absmax of its block (index // blocksize)",
+    idea="undo the packing first (which half of a byte holds the first value?), then each code is an index into "
+         "the table, and every value of a block shares one scale",
+    formula="codes = stack([packed >> 4, packed & 15], 1).flatten()[:n]; "
+            "value_i = NF4_CODE[codes_i] * absmax[i // blocksize]",
 )
 def check_dequantize_blocks(fn: Callable[..., torch.Tensor]) -> None:
     """Check ``fn(packed, absmax, n, blocksize) -> (n,) float32`` against bitsandbytes' ``dequantize_4bit``."""
+
+
+# ---------------------------------------------------------------- notebook 03's fallbacks (the library)
+
+
+def reference_pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """Two 4-bit codes per byte, high nibble first, odd count padded with 7: notebook 03's fallback."""
+    c = torch.nn.functional.pad(codes.reshape(-1).to(torch.uint8), (0, codes.numel() % 2), value=7)
+    return (c[0::2] << 4) | c[1::2]
+
+
+def reference_dequantize_blocks(packed: torch.Tensor, absmax: torch.Tensor, n: int, blocksize: int = 64) -> torch.Tensor:
+    """``lora_course.dequantize_nf4`` on a flat tensor of ``n`` values: notebook 03's fallback."""
+    from ..quant import dequantize_nf4
+
+    return dequantize_nf4(packed.reshape(-1), absmax, (n,), blocksize)
