@@ -27,7 +27,6 @@ TIMEOUT_S = 600  # per cell; the whole notebook takes well under a minute on an 
 # Learner copies that still print a solution elsewhere (the number of leaks). Issue 21's
 # remaining work: rewrite the earlier cell or the exercise, then remove the entry.
 KNOWN_LEAKS = {
-    "12_interview_question_bank.ipynb": 1,
 }
 
 

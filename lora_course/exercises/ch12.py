@@ -27,8 +27,17 @@ def _lora_ga_init_cases() -> Iterator[Case]:
 @exercise_check(
     "lora_ga_init",
     cases=_lora_ga_init_cases,
-    idea="SVD of the gradient, G = U S Vh: A = the first r rows of Vh (r x in), B = columns r..2r-1 of U (out x r)",
+    idea="the first update is B B^T G + G A^T A: each term projects G onto the space one factor spans; which "
+         "orthonormal directions of G make the two projections together its best rank-2r approximation?",
+    formula="SVD of the gradient, G = U S Vh: A = the first r rows of Vh (r x in), B = columns r..2r-1 of U (out x r)",
     compare=functools.partial(compare_values, rtol=1e-6, atol=1e-9),
 )
 def check_lora_ga_init(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Check ``fn(grad, r) -> (A, B)``: LoRA-GA's init, so that B B^T G + G A^T A is G's best rank-2r approximation."""
+
+
+def reference_lora_ga_init(grad: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """LoRA-GA's factors before the paper's rescaling (``variants.lora_ga_factors`` rescales them):
+    A from the top r right singular vectors of ``grad``, B from the next r left ones."""
+    u, _, vh = torch.linalg.svd(grad, full_matrices=False)  # grad = u diag(.) vh
+    return vh[:r].clone(), u[:, r : 2 * r].clone()
