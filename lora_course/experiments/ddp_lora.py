@@ -122,7 +122,7 @@ def _wrap_fsdp(model: nn.Module) -> nn.Module:
     """FSDP2 (``fully_shard``): each decoder layer is one unit, the root holds the rest.
 
     Per-parameter sharding (FSDP2) mixes frozen and trainable parameters in one unit without
-    extra settings; FSDP1 needs ``use_orig_params=True`` for that (notebook 13 section 4).
+    extra settings; FSDP1 needs ``use_orig_params=True`` for that (notebook 13 section 5).
     """
     from torch.distributed.fsdp import fully_shard
 
