@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -11,9 +13,17 @@ from torch import nn
 from .framework import Case, exercise_check, seeded_tensors
 
 
-def _lora_forward_cases() -> Iterator[Case]:
-    import copy
+def _output_with_factors(cls: Any, base: nn.Linear, A: torch.Tensor, B: torch.Tensor, x: torch.Tensor, r: int,
+                         alpha: float) -> torch.Tensor:
+    """``cls(copy of base, r, alpha)`` with its factors set to ``A`` and ``B``, applied to ``x``."""
+    layer = cls(copy.deepcopy(base), r=r, alpha=alpha)
+    with torch.no_grad():
+        layer.lora_A.copy_(A)
+        layer.lora_B.copy_(B)
+        return layer(x)
 
+
+def _lora_forward_cases() -> Iterator[Case]:
     from .. import LoRALinear
 
     for seed, (d_in, d_out, r, alpha, bias, lead) in enumerate(
@@ -28,12 +38,7 @@ def _lora_forward_cases() -> Iterator[Case]:
             reference.lora_B.copy_(B)
             expected = reference(x)
 
-        def apply(cls: Any, base=base, A=A, B=B, x=x, r=r, alpha=alpha) -> torch.Tensor:
-            layer = cls(copy.deepcopy(base), r=r, alpha=alpha)
-            with torch.no_grad():
-                layer.lora_A.copy_(A)
-                layer.lora_B.copy_(B)
-                return layer(x)
+        apply = functools.partial(_output_with_factors, base=base, A=A, B=B, x=x, r=r, alpha=alpha)
 
         yield Case(
             expected=expected,
@@ -90,7 +95,6 @@ def check_lora_trainable_params(fn: Callable[..., int]) -> None:
 
 
 def _merge_weight_cases() -> Iterator[Case]:
-    import copy
 
     from transformers.pytorch_utils import Conv1D
 
@@ -176,7 +180,6 @@ def check_alpha_bug_ratio(predicted_ratio: float) -> None:
 
 
 def _lora_scaling_fix_cases() -> Iterator[Case]:
-    import copy
 
     from peft import LoraConfig
     from peft.tuners.lora import Linear as PeftLoraLinear
@@ -196,12 +199,7 @@ def _lora_scaling_fix_cases() -> Iterator[Case]:
             peft_layer.lora_B["default"].weight.copy_(B)
             expected = peft_layer(x)
 
-        def apply(cls: Any, base=base, A=A, B=B, x=x, r=r, alpha=alpha) -> torch.Tensor:
-            layer = cls(copy.deepcopy(base), r=r, alpha=alpha)
-            with torch.no_grad():
-                layer.lora_A.copy_(A)
-                layer.lora_B.copy_(B)
-                return layer(x)
+        apply = functools.partial(_output_with_factors, base=base, A=A, B=B, x=x, r=r, alpha=alpha)
 
         yield Case(
             expected=expected,
