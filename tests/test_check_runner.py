@@ -111,3 +111,14 @@ def test_torch_global_settings_are_restored(quick_check, answer):
 def test_a_bad_time_limit_is_refused():
     with pytest.raises(ValueError, match="time_limit_s=0"):
         exercise_check("runner_probe_bad", cases=lambda: [], idea="x", time_limit_s=0)
+
+
+def test_every_check_has_a_second_level_formula():
+    """Hints come in two levels: the formula is kept for the second wrong answer, so every check has one."""
+    import lora_course.exercises as exercises
+    from lora_course.exercises.framework import CHECKS
+
+    course = [name for name in CHECKS if hasattr(exercises, f"check_{name}")]  # not the checks tests register
+    assert len(course) >= 45
+    missing = sorted(name for name in course if not CHECKS[name].formula)
+    assert not missing, f"checks without formula=: {missing}"

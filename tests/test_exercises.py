@@ -500,7 +500,7 @@ def test_use_or_fallback_keeps_a_right_answer_and_replaces_stubs_and_wrong_ones(
         "the cells below run with it",
         "using lora_course's reference instead of your halve (not written yet); the cells below run with it",
     ]
-    assert exercises.FAILED_TRIES == {}, "use_or_fallback is not a try: it must not unlock the formula"
+    assert exercises.framework.FAILED_TRIES == {}, "use_or_fallback is not a try: it must not unlock the formula"
     with pytest.raises(AssertionError, match="fallback for check_halve fails its own check"):
         exercises.use_or_fallback(stub, lambda x: x, "halve")
     with pytest.raises(ValueError, match="not a registered check"):

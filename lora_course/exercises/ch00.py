@@ -32,6 +32,7 @@ def _linear_param_count_cases() -> Iterator[Case]:
         "count the entries of every tensor the layer stores; "
         "list them with [p.shape for p in nn.Linear(3, 2).parameters()]"
     ),
+    formula="weight: out_features * in_features entries; bias: out_features more when bias=True",
 )
 def check_linear_param_count(fn: Callable[..., int]) -> None:
     """Check ``fn(in_features, out_features, bias=True)`` -> the parameter count of ``nn.Linear``."""

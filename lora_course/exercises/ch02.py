@@ -32,7 +32,8 @@ def _peft_scaling_cases() -> Iterator[Case]:
 
 
 @exercise_check("peft_scaling", cases=_peft_scaling_cases,
-                idea="lora_alpha / r, or lora_alpha / sqrt(r) when use_rslora=True")
+                idea="the factor is alpha divided by something that grows with the rank; which something depends on one flag",
+                formula="lora_alpha / r, or lora_alpha / sqrt(r) when use_rslora=True")
 def check_peft_scaling(fn: Callable[..., float]) -> None:
     """Check ``fn(lora_alpha, r, use_rslora) -> scaling`` against PEFT's ``LoraLayer.scaling``."""
 
@@ -50,7 +51,8 @@ def _lora_config_trainable_cases() -> Iterator[Case]:
 
 
 @exercise_check("lora_config_trainable", cases=_lora_config_trainable_cases,
-                idea="r * (in + out) per adapted layer, plus out per layer when bias='lora_only'")
+                idea="count A and B of each adapted layer from its in and out features; then ask which biases bias='lora_only' unfreezes",
+                formula="r * (in + out) per adapted layer, plus out per layer when bias='lora_only'")
 def check_lora_config_trainable(fn: Callable[..., int]) -> None:
     """Check ``fn(shapes, r, bias) -> trainable`` against PEFT's ``get_nb_trainable_parameters``."""
 
@@ -67,7 +69,8 @@ def _adapter_file_bytes_cases() -> Iterator[Case]:
 
 
 @exercise_check("adapter_file_bytes", cases=_adapter_file_bytes_cases,
-                idea="each layer stores A (r x in) and B (out x r): r * (in + out) numbers, times the bytes per number")
+                idea="the file holds only the adapter's tensors: count their numbers, then the bytes each number takes in the dtype",
+                formula="each layer stores A (r x in) and B (out x r): r * (in + out) numbers, times the bytes per number")
 def check_adapter_file_bytes(fn: Callable[..., int]) -> None:
     """Check ``fn(shapes, r, dtype_bytes) -> bytes`` against the tensors PEFT's ``save_pretrained`` writes."""
 

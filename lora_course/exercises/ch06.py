@@ -23,7 +23,8 @@ def _full_ft_bytes_cases() -> Iterator[Case]:
 @exercise_check(
     "full_ft_bytes_per_param",
     cases=_full_ft_bytes_cases,
-    idea="weights (d) + gradients (d) + AdamW's two float32 moments (8), plus 4 for a float32 master copy",
+    idea="list what a trainable parameter keeps during a step (itself, its gradient, the optimizer's state, maybe a copy) and the bytes of each",
+    formula="weights (d) + gradients (d) + AdamW's two float32 moments (8), plus 4 for a float32 master copy",
 )
 def check_full_ft_bytes_per_param(fn: Callable[..., int]) -> None:
     """Check ``fn(dtype_bytes, master_weights) -> bytes per parameter`` against ``estimate_training_memory``."""
@@ -47,7 +48,8 @@ def _peak_cases() -> Iterator[Case]:
 @exercise_check(
     "peak_bytes",
     cases=_peak_cases,
-    idea="the static parts are always there; on top: max(activations + backward workspace, gradients + optimizer workspace)",
+    idea="some parts live through the whole step; the others peak at different moments (the backward, then the optimizer step): which ones add up at the same time?",
+    formula="the static parts are always there; on top: max(activations + backward workspace, gradients + optimizer workspace)",
 )
 def check_peak_bytes(fn: Callable[..., int]) -> None:
     """Check ``fn(**parts) -> peak bytes`` against ``MemoryBreakdown.peak``."""

@@ -181,8 +181,9 @@ def _dora_merge_cases() -> Iterator[Case]:
 @exercise_check(
     "dora_merge",
     cases=_dora_merge_cases,
-    idea="merged weight = (magnitude / ||W + dW||)[:, None] * (W + dW) with dW = scaling * B @ A, "
-         "norms per output row",
+    idea="the merged layer must give the DoRA output for every input: one matrix, the moved direction rescaled row by row",
+    formula="merged weight = (magnitude / ||W + dW||)[:, None] * (W + dW) with dW = scaling * B @ A, "
+            "norms per output row",
 )
 def check_dora_merge(fn: Callable[..., torch.Tensor]) -> None:
     """Check ``fn(weight, lora_A, lora_B, magnitude, scaling) -> merged weight`` against ``DoRALinear.merge``."""

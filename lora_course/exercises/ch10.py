@@ -24,7 +24,8 @@ def _eckart_young_cases() -> Iterator[Case]:
 
 
 @exercise_check("eckart_young_floor", cases=_eckart_young_cases,
-                idea="singular values s_i of delta: the best rank-r matrix leaves sum_{i>r} s_i^2 out of sum_i s_i^2",
+                idea="the best rank-r matrix keeps the r largest singular directions (Eckart-Young): what share of the squared norm is left out?",
+                formula="singular values s_i of delta: the best rank-r matrix leaves sum_{i>r} s_i^2 out of sum_i s_i^2",
                 compare=functools.partial(compare_values, rtol=1e-6, atol=1e-9))
 def check_eckart_young_floor(fn: Callable[[torch.Tensor, int], float]) -> None:
     """Check ``fn(delta, r) -> fraction of ||delta||_F^2 that no rank-r matrix can capture``."""
@@ -46,7 +47,8 @@ def _equal_budget_rank_cases() -> Iterator[Case]:
 
 
 @exercise_check("equal_budget_rank", cases=_equal_budget_rank_cases,
-                idea="each adapted Linear costs r * (in_features + out_features); find the largest r whose total fits the budget")
+                idea="the adapter parameters grow linearly in r: count them per unit of rank over the target layers",
+                formula="each adapted Linear costs r * (in_features + out_features); find the largest r whose total fits the budget")
 def check_equal_budget_rank(fn: Callable[..., int]) -> None:
     """Check ``fn(model, target_modules, budget) -> the largest LoRA rank whose adapters fit in budget``."""
 
