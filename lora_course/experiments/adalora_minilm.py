@@ -21,7 +21,7 @@ trained whole, lr 2e-3, batch 32, max_length 32):
 
 Run (about 7 minutes on a 2-core CPU)::
 
-    python -m lora_course.experiments.adalora_minilm    # writes data/results/adalora_minilm.json
+    python -m lora_course.experiments.adalora_minilm    # writes data/results/adalora_minilm_fixed_budget.json
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from ..lora import add_lora, count_parameters
 from ..models import minilm_classifier
 from ..train import classification_batches, evaluate_accuracy
 
-RESULTS_FILE = DATA_DIR / "results" / "adalora_minilm.json"
+RESULTS_FILE = DATA_DIR / "results" / "adalora_minilm_fixed_budget.json"
 COMMAND = "python -m lora_course.experiments.adalora_minilm"
 MODULES = ("query", "key", "value", "attention.output.dense")
 SETTINGS = dict(lr=2e-3, batch_size=32, max_length=32, init_r=12, target_r=4, scaling=2.0, steps=80, tinit=8,
@@ -262,7 +262,7 @@ def main() -> None:
     print(f"AdaLoRA test {s['adalora']['mean']:.4f} +- {s['adalora']['std']:.4f} | LoRA test "
           f"{s['lora']['mean']:.4f} +- {s['lora']['std']:.4f} | magnitude-masked {magnitude_run['test_accuracy']:.4f} "
           f"| no orth {no_orth['test_accuracy']:.4f} | {record['seconds']} s")
-    print("-> data/results/adalora_minilm.json")
+    print("-> data/results/adalora_minilm_fixed_budget.json")
 
 
 if __name__ == "__main__":

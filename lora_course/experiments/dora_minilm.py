@@ -29,7 +29,7 @@ Run (the file's ``total_seconds`` records how long it took: about 18 minutes for
 run, on a 2-core CPU shared with two other training jobs; the per-step times are from that
 machine state too)::
 
-    python -m lora_course.experiments.dora_minilm    # writes data/results/dora_minilm.json
+    python -m lora_course.experiments.dora_minilm    # writes data/results/dora_minilm_fixed_budget.json
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from ..lora import LoRALinear, add_lora, count_parameters
 from ..models import minilm_classifier
 from ..train import classification_batches, evaluate_accuracy, train
 
-RESULTS_FILE = DATA_DIR / "results" / "dora_minilm.json"
+RESULTS_FILE = DATA_DIR / "results" / "dora_minilm_fixed_budget.json"
 COMMAND = "python -m lora_course.experiments.dora_minilm"
 METHODS = ("lora", "dora", "full")
 SEEDS = (0, 1, 2)
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         record["quick_command"] = COMMAND + " --quick-only"
         record["quick_date"] = datetime.date.today().isoformat()
         write_results(RESULTS_FILE, record)
-        print(f"quick entry rewritten ({time.perf_counter() - start:.1f} s) -> data/results/dora_minilm.json")
+        print(f"quick entry rewritten ({time.perf_counter() - start:.1f} s) -> data/results/dora_minilm_fixed_budget.json")
         return
     runs: dict[str, list[dict]] = {"lora": [], "dora": []}
     for seed in SEEDS:  # interleaved, so a busy machine slows both methods alike
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{sec[m]:.3f} s/step")
     print(f"step time DoRA/LoRA = {record['step_time_ratio_dora_over_lora']}")
     print(f"corr(Delta D, Delta M): {record['correlation_delta_d_delta_m']}")
-    print(f"-> data/results/dora_minilm.json ({record['total_seconds']} s)", file=sys.stderr)
+    print(f"-> data/results/dora_minilm_fixed_budget.json ({record['total_seconds']} s)", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ re-runs (it must agree with this file); ``long`` is the budget a minute does not
 
 Run (about 5 minutes on an idle 2-core CPU)::
 
-    python -m lora_course.experiments.qlora_minilm    # writes data/results/qlora_minilm.json
+    python -m lora_course.experiments.qlora_minilm    # writes data/results/qlora_minilm_fixed_budget.json
     python -m lora_course.experiments.qlora_minilm --quick-only   # re-runs and updates the quick budget
 """
 
@@ -34,7 +34,7 @@ from ..models import load_pretrained, minilm_classifier, minilm_path
 from ..qlora import add_qlora, qlora_layers, quantize_linear_layers
 from ..train import evaluate_accuracy, train_classifier
 
-RESULTS_FILE = DATA_DIR / "results" / "qlora_minilm.json"
+RESULTS_FILE = DATA_DIR / "results" / "qlora_minilm_fixed_budget.json"
 COMMAND = "python -m lora_course.experiments.qlora_minilm"
 BUDGETS = {"quick": 10, "long": 120}
 METHODS = ("lora", "qlora_ours", "qlora_bnb")
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         record["runs"]["quick"] = {m: run_one(m, BUDGETS["quick"], splits) for m in METHODS}
         record["quick_rerun"] = {"date": datetime.date.today().isoformat(), "command": f"{COMMAND} --quick-only"}
         write_results(RESULTS_FILE, record)
-        print("-> data/results/qlora_minilm.json (quick runs updated)")
+        print("-> data/results/qlora_minilm_fixed_budget.json (quick runs updated)")
         return
     runs = {budget: {m: run_one(m, steps, splits) for m in METHODS} for budget, steps in BUDGETS.items()}
     record = {
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         for method, r in by_method.items():
             print(f"{budget:>5} {method:<10} {r['steps']:>4} steps: val {r['val_accuracy']:.4f} "
                   f"test {r['test_accuracy']:.4f}, last loss {r['losses'][-1]:.4f}, {r['seconds_per_step']} s/step")
-    print("-> data/results/qlora_minilm.json")
+    print("-> data/results/qlora_minilm_fixed_budget.json")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ optimizer states, activations, gradients).
 
 Run (about 20 minutes on a 2-core CPU; resumable)::
 
-    python -m lora_course.experiments.variants_zoo    # writes data/results/variants_zoo.json
+    python -m lora_course.experiments.variants_zoo    # writes data/results/variants_zoo_fixed_budget.json
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from ..train import classification_batches, evaluate_accuracy, train
 from ..variants import (DeltaLoRA, add_pissa, add_rslora, add_vera, apply_lora_pro, create_lorafa_optimizer,
                         create_loraplus_optimizer, lora_output_importance, select_lora_layers)
 
-RESULTS_FILE = DATA_DIR / "results" / "variants_zoo.json"
+RESULTS_FILE = DATA_DIR / "results" / "variants_zoo_fixed_budget.json"
 COMMAND = "python -m lora_course.experiments.variants_zoo"
 VARIANTS = ("lora", "rslora", "pissa", "loraplus", "lorafa", "vera", "delta_lora", "lora_pro", "dora", "lora_drop")
 SEEDS = (0, 1, 2)
@@ -190,7 +190,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         s = summarize(runs, variant)
         print(f"{variant:>10}: {s['trainable_parameters']:>8,} trainable, test {s['mean']:.4f} +- {s['std']:.4f}, "
               f"time x{s['seconds_per_step'] / base['seconds_per_step']:.2f}, peak x{s['peak_bytes'] / base['peak_bytes']:.2f}")
-    print("-> data/results/variants_zoo.json")
+    print("-> data/results/variants_zoo_fixed_budget.json")
 
 
 if __name__ == "__main__":
