@@ -20,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .notebook_tools.bank import SECTION_HEADING_RE
+
 NOTEBOOK_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 BANK_NOTEBOOK = "12_interview_question_bank"
-_HEADING_RE = re.compile(r"^## (\d+)\. (.+?)\s*$", re.M)
 _NUMBER = r"[-+]?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
 
 
@@ -34,7 +35,7 @@ def section_title(notebook: str, section: int, notebook_dir: Path | None = None)
     """
     for cell in _cells(notebook, notebook_dir):
         if cell["cell_type"] == "markdown":
-            for number, title in _HEADING_RE.findall("".join(cell["source"])):
+            for number, title in SECTION_HEADING_RE.findall("".join(cell["source"])):
                 if int(number) == section:
                     return title
     raise LookupError(f"notebook {notebook} has no section '## {section}.'")
@@ -42,17 +43,19 @@ def section_title(notebook: str, section: int, notebook_dir: Path | None = None)
 
 def section_output(notebook: str, section: int, notebook_dir: Path | None = None) -> str:
     """The printed text (stdout and plain-text results) of the code cells of one section."""
-    section_title(notebook, section, notebook_dir)  # raises if the section does not exist
-    current, chunks = None, []
+    current, seen, chunks = None, False, []
     for cell in _cells(notebook, notebook_dir):
         if cell["cell_type"] == "markdown":
-            found = _HEADING_RE.findall("".join(cell["source"]))
+            found = SECTION_HEADING_RE.findall("".join(cell["source"]))
             if found or re.match(r"^## ", "".join(cell["source"]).lstrip()):
                 current = int(found[0][0]) if found else None
+                seen = seen or current == section
         elif current == section:
             for out in cell.get("outputs", []):
                 text = out.get("text") or out.get("data", {}).get("text/plain", "")
                 chunks.append("".join(text))
+    if not seen:
+        raise LookupError(f"notebook {notebook} has no section '## {section}.'")
     return "\n".join(chunks)
 
 
