@@ -27,6 +27,7 @@ import torch
 from lora_course.data import label_names, load_text_classification
 from lora_course.experiments.qlora_minilm import build, trainable_and_total
 from lora_course.memory import track_peak_memory
+from lora_course.quant import NF4Weight
 
 
 def quant_state_tensors(model) -> list[torch.Tensor]:
@@ -87,6 +88,26 @@ def main() -> None:
             step(model, opt, batch)
         peaks[kind] = mem
 
+    # the one part of the step where the two differ in code: dequantizing every NF4 weight
+    # (each is dequantized twice per step, forward and backward)
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbF
+
+    ours_w = [m.nf4 for m in runs["ours"][0].modules() if isinstance(getattr(m, "nf4", None), NF4Weight)]
+    bnb_w = [m.weight for m in runs["bnb"][0].modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(ours_w) == len(bnb_w), (len(ours_w), len(bnb_w))
+    assert all(torch.equal(a.dequantize(), bnbF.dequantize_4bit(b.data, b.quant_state).to(a.dtype))
+               for a, b in zip(ours_w, bnb_w))
+    deq: dict[str, list[float]] = {"ours": [], "bnb": []}
+    fns = {"ours": lambda: [w.dequantize() for w in ours_w],
+           "bnb": lambda: [bnbF.dequantize_4bit(w.data, w.quant_state) for w in bnb_w]}
+    for i in range(2 * args.steps):
+        for kind in (("ours", "bnb") if i % 2 == 0 else ("bnb", "ours")):
+            start = time.perf_counter()
+            fns[kind]()
+            deq[kind].append(time.perf_counter() - start)
+    deq_med = {kind: statistics.median(t) for kind, t in deq.items()}
+
     med = {kind: statistics.median(t) for kind, t in times.items()}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {args.batch} x {args.seq} tokens; "
           f"{args.steps} timed steps each, interleaved")
@@ -99,6 +120,8 @@ def main() -> None:
               f"peak {p.peak / 2**20:6.2f} MiB")
     paired = statistics.median(o / b for o, b in zip(times["ours"], times["bnb"]))
     print(f"step-time ratio ours/bnb: {med['ours'] / med['bnb']:.3f} (ratio of medians), {paired:.3f} (median of adjacent ratios)")
+    print(f"dequantize all {len(ours_w)} NF4 weights once ({sum(w.numel for w in ours_w):,} values): ours {deq_med['ours'] * 1e3:.2f} ms, bnb {deq_med['bnb'] * 1e3:.2f} ms, "
+          f"ours/bnb {deq_med['ours'] / deq_med['bnb']:.2f} (bit-identical; a step dequantizes each twice)")
     print(f"peak-memory ratio ours/bnb: {peaks['ours'].peak / peaks['bnb'].peak:.4f}; "
           f"stored bytes ratio: {peaks['ours'].baseline / peaks['bnb'].baseline:.4f}")
 

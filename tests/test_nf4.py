@@ -105,11 +105,61 @@ def test_large_double_quant_multiple_absmax2_blocks():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_several_chunks_with_a_short_last_block(dtype):
-    w = sample((601, 1001), dtype, seed=4)  # 601,601 values: 9,400 full blocks + 1 value, 3 chunks
+    from lora_course.quant.nf4 import DEQUANT_CHUNK
+
+    w = sample((2 * DEQUANT_CHUNK // 1001 + 1, 1001), dtype, seed=4)  # 3 chunks (the last short) and a short block
     for dq in (False, True):
         packed, st = bnb_quant(w, 64, dq)
         ours = quantize_nf4(w, double_quant=dq)
         assert torch.equal(ours.packed, packed.view(-1)) and torch.equal(ours.dequantize(), bnbF.dequantize_4bit(packed, st))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_decoding_threads_give_the_same_bits(threads, dtype):
+    """5 chunks and a short block shared out between 1, 2 or 3 threads (uneven runs of chunks):
+    every value equal to bitsandbytes', whatever the thread count."""
+    from lora_course.quant.nf4 import DEQUANT_CHUNK, decode_workers
+
+    w = sample((5 * DEQUANT_CHUNK // 512 + 1, 512), dtype, seed=5)  # 5 full chunks + a short one
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        assert decode_workers(w.numel()) == threads and decode_workers(w.numel(), "meta") == 1
+        assert decode_workers(DEQUANT_CHUNK) == 1  # one chunk: nothing to share out
+        for dq in (False, True):
+            packed, st = bnb_quant(w, 64, dq)
+            ours = quantize_nf4(w, double_quant=dq)
+            assert torch.equal(ours.dequantize(), bnbF.dequantize_4bit(packed, st))
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_a_dispatch_mode_sees_every_chunk():
+    """Modes are per thread: under one, the chunks are decoded in the calling thread, so the mode
+    sees every gather (memory trackers and notebook 03's byte counter rely on it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from lora_course.quant.nf4 import DEQUANT_CHUNK
+
+    class Gathers(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.calls += func is torch.ops.aten.index_select.out
+            return func(*args, **(kwargs or {}))
+
+    q = quantize_nf4(sample((3 * DEQUANT_CHUNK // 256, 256), torch.float32, seed=6))  # 3 chunks
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with Gathers() as mode:
+            out = q.dequantize()
+    finally:
+        torch.set_num_threads(old)
+    assert mode.calls == 3 and torch.equal(out, q.dequantize())
 
 
 def test_packing_high_nibble_first_and_odd_padding():

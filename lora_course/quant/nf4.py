@@ -13,6 +13,8 @@ keeps absmax 0); an odd element count pads the last byte's low nibble with the c
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Optional
 
@@ -107,8 +109,11 @@ _first = torch.searchsorted(_NF4_BOUNDS.double(), _edges - 4.0 / _BINS, side="le
 assert float((_NF4_BOUNDS[1:] - _NF4_BOUNDS[:-1]).min()) > 6.0 / _BINS  # window: 3 bins
 _BIN_FIRST = _first.to(torch.int32)
 _BIN_THRESH = torch.cat([_NF4_BOUNDS, torch.tensor([float("inf")])])[_first]  # (256,) float32
-#: values dequantized (or quantized) per step: the temporaries of one chunk stay in cache
-DEQUANT_CHUNK = 1 << 18
+#: values dequantized (or quantized) per step, per thread. A chunk's temporaries (4 MiB of float32,
+#: 2 MiB of int32 indices) stay in the last-level cache; smaller chunks mean more Python calls,
+#: and two decoding threads then wait on Python's lock (2^18 was 1.1-1.5x slower at 2 threads,
+#: ``benchmarks/README.md``)
+DEQUANT_CHUNK = 1 << 20
 
 
 def _codes(s: torch.Tensor) -> torch.Tensor:
@@ -240,6 +245,31 @@ def dequantize_nf4(
     return out.view(shape)
 
 
+def decode_workers(numel: int, device: torch.device | str = "cpu") -> int:
+    """How many threads dequantize ``numel`` values on ``device``: one per chunk of
+    :data:`DEQUANT_CHUNK` values, at most ``torch.get_num_threads()``; 1 off the CPU (a GPU
+    kernel is parallel already) and 1 under a ``TorchDispatchMode`` (a mode is active in its own
+    thread only: decoded in the calling thread, every operator passes through it). Each thread
+    holds its own chunk of indices (and of float32 for a half-precision output), which
+    :func:`~lora_course.memory_estimate.estimate_training_memory` counts."""
+    if torch.device(device).type != "cpu" or torch._C._len_torch_dispatch_stack() > 0:
+        return 1
+    return max(1, min(torch.get_num_threads(), -(-numel // DEQUANT_CHUNK)))
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads, made once per size (a forked child makes its own)."""
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, thread_name_prefix="nf4-decode")
+    return _POOLS[workers]
+
+
+os.register_at_fork(after_in_child=_POOLS.clear)  # a child has no threads behind a parent's pool
+
+
 def _decode_full_blocks(codes: torch.Tensor, am: torch.Tensor, out: torch.Tensor, blocksize: int) -> None:
     """Write ``NF4_CODE[code] * am[block]`` for the full blocks into ``out`` (flat), chunk by chunk.
 
@@ -250,22 +280,41 @@ def _decode_full_blocks(codes: torch.Tensor, am: torch.Tensor, out: torch.Tensor
     decoded straight into its own memory (gather into it, scale in place: the output is written
     once from main memory's point of view); other dtypes go through one float32 chunk buffer
     (product in float32, rounded once by the copy).
+
+    PyTorch's gather over a 1-D table runs on one thread whatever ``torch.get_num_threads()``
+    says, so on the CPU the chunks are shared out between :func:`decode_workers` threads, each
+    a contiguous run of chunks with its own buffers (PyTorch releases Python's lock inside an
+    operator, so the threads decode at the same time). Every value is computed by the same
+    operations as on one thread: the output does not depend on the thread count.
     """
     nb = am.numel()
     half = blocksize // 2  # bytes per block
     step = max(1, DEQUANT_CHUNK // blocksize)  # blocks per chunk
+    starts = list(range(0, nb, step))  # first block of each chunk
+    workers = decode_workers(nb * blocksize, codes.device)
     table = _pair_table(codes.device)  # (256,) int64
-    idx = torch.empty(min(step, nb) * half, dtype=torch.int32, device=codes.device)  # reused per chunk
     direct = out.dtype == torch.float32
-    buf = out if direct else torch.empty(min(step, nb) * blocksize, dtype=torch.float32, device=out.device)
     rows = out.view(nb, blocksize)  # (nb, bs)
-    for c in range(0, nb, step):
-        e = min(c + step, nb)
-        k = (e - c) * half  # bytes in this chunk
-        ix = idx[:k]
-        ix.copy_(codes[c * half : e * half])  # uint8 -> int32
-        dst = buf[c * blocksize : e * blocksize] if direct else buf[: (e - c) * blocksize]
-        torch.index_select(table, 0, ix, out=dst.view(torch.int64))  # two float32 values per byte
-        vals = dst.view(e - c, blocksize).mul_(am[c:e, None])  # (chunk, bs) scaled in place, float32
-        if not direct:
-            rows[c:e].copy_(vals)  # rounded once to the output dtype
+    # buffers are made here, in the calling thread, so that memory trackers (dispatch modes are
+    # per thread) see them; the workers only write into existing tensors
+    idxs = [torch.empty(min(step, nb) * half, dtype=torch.int32, device=codes.device) for _ in range(workers)]
+    bufs = [out if direct else torch.empty(min(step, nb) * blocksize, dtype=torch.float32, device=out.device)
+            for _ in range(workers)]
+
+    def decode(w: int) -> None:
+        idx, buf = idxs[w], bufs[w]
+        for c in starts[w * len(starts) // workers : (w + 1) * len(starts) // workers]:
+            e = min(c + step, nb)
+            k = (e - c) * half  # bytes in this chunk
+            ix = idx[:k]
+            ix.copy_(codes[c * half : e * half])  # uint8 -> int32
+            dst = buf[c * blocksize : e * blocksize] if direct else buf[: (e - c) * blocksize]
+            torch.index_select(table, 0, ix, out=dst.view(torch.int64))  # two float32 values per byte
+            vals = dst.view(e - c, blocksize).mul_(am[c:e, None])  # (chunk, bs) scaled in place, float32
+            if not direct:
+                rows[c:e].copy_(vals)  # rounded once to the output dtype
+
+    if workers == 1:
+        decode(0)
+    else:
+        list(_pool(workers).map(decode, range(workers)))  # re-raises a worker's exception here
