@@ -438,14 +438,15 @@ def _as_config(model: Any) -> Any:
 def _dequantize_workspace(numel: int, d: int, blocksize: int) -> int:
     """Transient bytes of dequantizing the largest NF4 weight (:func:`~lora_course.quant.dequantize_nf4`):
     the (out x in) result in the weight's dtype, one chunk of int32 indices (one per byte, 2 bytes
-    per value; a float32 output is decoded in place) and a float32 chunk buffer when the dtype is
-    not float32, both once per decoding thread (:func:`~lora_course.quant.nf4.decode_workers`,
-    on the CPU with this process's ``torch.get_num_threads()``), and the float32 block absmax values."""
-    from .quant.nf4 import DEQUANT_CHUNK, decode_workers
+    per value; a float32 output is decoded in place), a float32 chunk buffer when the dtype is not
+    float32, and the float32 block absmax values. One decoding thread, as on a GPU and under a
+    memory tracker: on a CPU, :func:`~lora_course.quant.nf4.decode_workers` threads each hold
+    their own chunk buffers (at most 6 MiB more per extra thread), which the estimate leaves out
+    so that it does not depend on the machine it is computed on."""
+    from .quant.nf4 import DEQUANT_CHUNK
 
     chunk = min(numel, DEQUANT_CHUNK)
-    workers = decode_workers(numel) if numel else 1
-    return numel * d + workers * chunk * (2 if d == 4 else 6) + 4 * math.ceil(numel / blocksize)
+    return numel * d + chunk * (2 if d == 4 else 6) + 4 * math.ceil(numel / blocksize)
 
 
 def _first_layer_prefix(names: Sequence[str]) -> str:

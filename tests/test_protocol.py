@@ -210,3 +210,18 @@ def test_log_grid_and_compare():
     b = Summary("b", 1e-3, 3, 0.80, 0.005, 0.8, 500)
     assert compare(a, b)[2] == "distinguishable"
     assert compare(a, Summary("c", 1e-3, 3, 0.84, 0.005, 0.8, 500))[2] == "not distinguishable"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(study="rank"), "study='rank' is unknown"),
+    (dict(study="dora_minilm", config="lora_qv_r4"), "config='lora_qv_r4' is not in study 'dora_minilm'"),
+    (dict(study="dora_minilm", config="dora_qv_r8", steps=25), "steps=25 must be a positive multiple of eval_every=50"),
+    (dict(study="dora_minilm", config="dora_qv_r8", steps=0), "steps=0 must be"),
+    (dict(study="dora_minilm", config="dora_qv_r8", steps=True), "steps=True must be"),
+])
+def test_replay_refuses_what_the_file_cannot_have(kwargs, match):
+    from lora_course.experiments.converged import replay
+
+    args = {"study": "dora_minilm", "config": "dora_qv_r8", "lr": 1e-3, **kwargs}
+    with pytest.raises(ValueError, match=match.replace("(", r"\(").replace(")", r"\)")):
+        replay(**args)

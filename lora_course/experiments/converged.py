@@ -74,12 +74,13 @@ def _train(prepare: Callable[[nn.Module, int], dict[str, Any] | None], name: str
     """A ``Config.run``: fresh MiniLM + head from ``seed``, ``prepare(model, seed)`` adapts it
     (and may return :func:`fit` keyword arguments), then one protocol run."""
 
-    def run(lr: float, seed: int, protocol: Protocol) -> tuple[ProtocolRun, dict[str, Any]]:
+    def run(lr: float, seed: int, protocol: Protocol, **fit_kwargs: Any) -> tuple[ProtocolRun, dict[str, Any]]:
         model, tokenizer = minilm_mean_pooled(len(label_names()), seed=seed)
         torch.manual_seed(seed)  # adapters draw their initial factors from the global generator
         extra = prepare(model, seed) or {}
         trainable, total = count_parameters(model)
-        result = fit(model, tokenizer, splits(), lr, seed, protocol, desc=f"{name} lr={lr:g} seed={seed}", **extra)
+        result = fit(model, tokenizer, splits(), lr, seed, protocol, desc=f"{name} lr={lr:g} seed={seed}",
+                     **extra, **fit_kwargs)
         return result, {"trainable_parameters": trainable, "total_parameters": total,
                         "seconds_per_step": round(result.seconds / result.steps, 4)}
 
@@ -311,6 +312,26 @@ def run_study(study: str, fresh: bool = False) -> Path:
         shutil.move(str(suite.path), final)
         suite.path = final
     return suite.path
+
+
+def replay(study: str, config: str, lr: float, seed: int = 0, steps: int = 50) -> ProtocolRun:
+    """The first ``steps`` steps of one recorded run of ``study``, trained again exactly as the
+    suite trained it (same configuration, rate, seed and schedule: ``fit(..., stop_after=steps)``),
+    so a notebook can compare its validation accuracy at step ``steps`` with the file's curve.
+
+    Raises:
+        ValueError: ``study`` or ``config`` unknown, or ``steps`` not a positive multiple of the
+            protocol's ``eval_every`` (the curve has no point there).
+    """
+    if study not in STUDIES:
+        raise ValueError(f"study={study!r} is unknown; allowed values: {', '.join(STUDIES)}")
+    found = {c.name: c for c in STUDIES[study]()}
+    if config not in found:
+        raise ValueError(f"config={config!r} is not in study {study!r}; allowed values: {', '.join(found)}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0 or steps % PROTOCOL.eval_every:
+        raise ValueError(f"steps={steps!r} must be a positive multiple of eval_every={PROTOCOL.eval_every}")
+    result, _ = found[config].run(lr, seed, PROTOCOL, stop_after=steps, progress=False)
+    return result
 
 
 def summary_lines(study: str) -> list[str]:

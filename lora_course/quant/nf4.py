@@ -250,8 +250,8 @@ def decode_workers(numel: int, device: torch.device | str = "cpu") -> int:
     :data:`DEQUANT_CHUNK` values, at most ``torch.get_num_threads()``; 1 off the CPU (a GPU
     kernel is parallel already) and 1 under a ``TorchDispatchMode`` (a mode is active in its own
     thread only: decoded in the calling thread, every operator passes through it). Each thread
-    holds its own chunk of indices (and of float32 for a half-precision output), which
-    :func:`~lora_course.memory_estimate.estimate_training_memory` counts."""
+    holds its own chunk of indices (and of float32 for a half-precision output);
+    :func:`~lora_course.memory_estimate.estimate_training_memory` counts one thread's."""
     if torch.device(device).type != "cpu" or torch._C._len_torch_dispatch_stack() > 0:
         return 1
     return max(1, min(torch.get_num_threads(), -(-numel // DEQUANT_CHUNK)))
