@@ -9,9 +9,10 @@ band of one standard error over its seeds.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
-from .results import Summary
+from .results import Summary, chosen_run, complete_summaries, probe_accuracy
 
 PROBE_STYLE = dict(color="0.35", linestyle="--", linewidth=1.2)
 FULL_STYLE = dict(color="C3", linestyle="-", linewidth=1.2)
@@ -24,3 +25,66 @@ def draw_references(ax: Any, probe: float, full: Summary | None = None) -> None:
     if full is not None:
         ax.axhline(full.mean, label=f"full fine-tuning: {full.mean:.4f} +- {full.se:.4f} (n={full.n})", **FULL_STYLE)
         ax.axhspan(full.mean - full.se, full.mean + full.se, color=FULL_STYLE["color"], alpha=0.12, linewidth=0)
+
+
+def plot_converged(results: dict[str, Any], labels: Mapping[str, str], full: Summary | None = None,
+                   curve_seeds: str = "all", title: str = "") -> Any:
+    """The two panels every converged comparison shows, for the complete configurations among
+    ``labels`` (config name -> label, in drawing order):
+
+    * left: validation accuracy against steps at each configuration's chosen rate (every seed,
+      or seed 0 only with ``curve_seeds="first"``), a dot at the best step, the probe's
+      validation accuracy as a reference;
+    * right: test accuracy, mean +- one standard error over the seeds (crosses: the seeds),
+      with :func:`draw_references` (probe, and full fine-tuning when ``full`` is given).
+
+    Returns the matplotlib figure (not shown).
+
+    Raises:
+        ValueError: if ``curve_seeds`` is not "all" or "first", or no configuration in
+            ``labels`` is complete in ``results``.
+    """
+    import matplotlib.pyplot as plt
+
+    from .data import load_text_classification
+
+    if curve_seeds not in ("all", "first"):
+        raise ValueError(f"curve_seeds={curve_seeds!r} is not allowed; allowed values: 'all', 'first'")
+    done = complete_summaries(results)
+    names = [n for n in labels if n in done]
+    if not names:
+        raise ValueError(f"none of {list(labels)} is complete in this file; complete: {list(done) or 'none'}")
+    seeds = list(results["seeds"]) if curve_seeds == "all" else list(results["seeds"])[:1]
+    n_val, n_test = (len(load_text_classification()[split]) for split in ("val", "test"))
+    wide = len(names) > 4
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12 if wide else 10, 5.2 if wide else 4.6),
+                                   constrained_layout=True)
+    for k, name in enumerate(names):
+        color = f"C{k % 10}"
+        for seed in seeds:
+            run = chosen_run(results, name, seed=seed)
+            steps, vals = zip(*run["val_curve"])
+            first = seed == seeds[0]
+            ax1.plot(steps, vals, "-", color=color, linewidth=1, alpha=0.8,
+                     label=f"{labels[name]}, lr {run['lr']:g}" if first else None)
+            ax1.plot(run["best_step"], run["best_val_accuracy"], "o", color=color, markersize=4)
+        s = done[name]
+        ax2.errorbar([k], [s.mean], yerr=[s.se], fmt="o", color=color, capsize=4)
+        tests = [chosen_run(results, name, seed=seed)["test_accuracy"] for seed in results["seeds"]]
+        ax2.plot([k + 0.15] * len(tests), tests, "x", color=color, markersize=5)
+    draw_references(ax1, probe_accuracy("val"))  # the probe on the same validation split
+    ax1.set_xlabel("training step (batch of 32 texts)")
+    ax1.set_ylabel(f"validation accuracy (fraction of {n_val})")
+    ax1.set_title("learning curves at the chosen rates" + (" (seed 0)" if curve_seeds == "first" else "")
+                  + "; dot: best step", fontsize=10)
+    ax1.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2 if wide else 1)
+    draw_references(ax2, probe_accuracy(), full)
+    ax2.set_xticks(range(len(names)), [labels[n] for n in names], rotation=30 if wide else 0,
+                   ha="right" if wide else "center")
+    ax2.set_xlim(-0.6, len(names) - 0.4)
+    ax2.set_ylabel(f"test accuracy (fraction of {n_test})")
+    ax2.set_title("converged: mean ± 1 s.e. over seeds (crosses: the seeds)", fontsize=10)
+    ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22 if wide else -0.12))
+    if title:
+        fig.suptitle(title)
+    return fig

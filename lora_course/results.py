@@ -131,6 +131,57 @@ def chosen_run(results: dict[str, Any], config: str, seed: int = 0, grid_seed: i
     raise ValueError(f"config={config!r} has no run with seed={seed} at its chosen lr {lr:g} yet")
 
 
+def config_lines(results: dict[str, Any], config: str, grid_seed: int = 0) -> list[str]:
+    """What a notebook prints about one configuration: the best validation accuracy at each rate
+    of its grid (grid seed), the chosen rate, each seed's test accuracy at its best validation
+    step, and the mean +- standard error; for a configuration still missing runs, what it has
+    so far and that it is not complete (no mean is printed for it)."""
+    runs = [r for r in results["runs"] if r["config"] == config]
+    if not runs:
+        return [f"{config}: not run yet"]
+    grid = sorted((r for r in runs if r["seed"] == grid_seed), key=lambda r: r["lr"])
+    rates = ", ".join(f"{r['lr']:g} -> {r['best_val_accuracy']:.4f}" for r in grid)
+    if not config_complete(results, config, grid_seed):
+        return [f"{config}: in progress, {len(runs)} run(s) so far; best validation accuracy by learning rate "
+                f"(seed {grid_seed}): {rates or 'none yet'}"]
+    s = summarize(results, config, grid_seed)
+    lines = [f"{config}: best validation accuracy by learning rate (seed {grid_seed}): {rates}; chosen {s.lr:g}"]
+    for r in sorted((r for r in runs if r["lr"] == s.lr), key=lambda r: r["seed"]):
+        lines.append(f"   seed {r['seed']}: test {r['test_accuracy']:.4f} at step {r['best_step']} "
+                     f"(stopped at {r['steps']})")
+    lines.append(f"   mean test accuracy {s.mean:.4f} +- {s.se:.4f} (standard error over {s.n} seeds)")
+    return lines
+
+
+def read_study(study: str, configs_shown: list[str] | tuple[str, ...],
+               results_dir: str | Path | None = None) -> tuple[dict[str, Any], dict[str, Summary], list[str]]:
+    """A converged study as a notebook shows it: ``(file, complete summaries, lines to print)``.
+
+    The lines name the file (complete, or still in ``in_progress/``), its runs and CPU-hours,
+    then :func:`config_lines` for each of ``configs_shown``. Before the study's first run the
+    file is an empty one (no runs) and the lines say so.
+    """
+    path = study_file(study, results_dir)
+    if path is None:
+        data: dict[str, Any] = {"runs": [], "seeds": [0, 1, 2]}
+        lines = [f"{study}: not run yet"]
+    else:
+        data = load(path)
+        where = "data/results" if path.parent.name != "in_progress" else "data/results/in_progress"
+        lines = [f"{where}/{path.name}: {len(data['runs'])} runs, {data.get('cpu_seconds', 0) / 3600:.1f} CPU-hours"
+                 f"{'' if data.get('complete') else ' so far'} ({data.get('device', '?')}, "
+                 f"{data.get('threads', '?')} thread per run)"]
+    for name in configs_shown:
+        lines += config_lines(data, name)
+    return data, complete_summaries(data), lines
+
+
+def full_reference(results_dir: str | Path | None = None) -> Summary | None:
+    """Full fine-tuning at convergence (the rank sweep's ``full``), or None until it is complete."""
+    path = study_file("rank_sweep", results_dir)
+    return complete_summaries(load(path)).get("full") if path else None
+
+
 def probe_accuracy(split: str = "test", results_dir: str | Path | None = None) -> float:
     """Accuracy on ``split`` ("val" or "test") of the frozen MiniLM's mean-pooled features with a
     trained linear head (``baseline.json``, ``python -m lora_course.experiments.baseline``)."""

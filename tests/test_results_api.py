@@ -8,13 +8,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
-from lora_course.figures import draw_references  # noqa: E402
-from lora_course.results import (chosen_lr, chosen_run, complete_summaries, config_complete, probe_accuracy,  # noqa: E402
-                                 summarize)
+from lora_course.figures import draw_references, plot_converged  # noqa: E402
+from lora_course.results import (chosen_lr, chosen_run, complete_summaries, config_complete, config_lines,  # noqa: E402
+                                 full_reference, probe_accuracy, read_study, summarize)
 
 
 def _run(config, lr, seed, val, test):
-    return {"config": config, "lr": lr, "seed": seed, "best_val_accuracy": val, "test_accuracy": test, "steps": 100}
+    return {"config": config, "lr": lr, "seed": seed, "best_val_accuracy": val, "test_accuracy": test, "steps": 100,
+            "best_step": 50, "val_curve": [[50, val], [100, val - 0.01]]}
 
 
 def _file():
@@ -53,3 +54,45 @@ def test_a_validation_tie_goes_to_the_rate_that_got_there_first():
     assert chosen_lr(runs) == 1e-3  # same validation accuracy as 2.5e-4, reached 1200 steps earlier
     runs[1]["best_step"] = 1500
     assert chosen_lr(runs) == 2.5e-4  # a full tie: the smaller rate
+
+
+def test_config_lines_say_what_is_complete_and_print_no_mean_before():
+    data = _file()
+    a = config_lines(data, "a")
+    assert a[0] == "a: best validation accuracy by learning rate (seed 0): 0.0001 -> 0.6000, 0.001 -> 0.8000, 0.01 -> 0.7000; chosen 0.001"
+    assert [line.split(":")[1].split()[1] for line in a[1:4]] == ["0.7000", "0.7200", "0.7400"]
+    assert a[4] == f"   mean test accuracy 0.7200 +- {summarize(data, 'a').se:.4f} (standard error over 3 seeds)"
+    b = config_lines(data, "b")
+    assert len(b) == 1 and b[0].startswith("b: in progress, 4 run(s) so far") and "mean" not in b[0]
+    assert config_lines(data, "c") == ["c: not run yet"]
+
+
+def test_plot_converged_draws_complete_configs_only():
+    data = _file()
+    fig = plot_converged(data, {"a": "A", "b": "B"})
+    ax1, ax2 = fig.axes
+    assert [t.get_text() for t in ax2.get_xticklabels()] == ["A"]  # b is not complete: not drawn
+    assert ax1.get_ylabel() == "validation accuracy (fraction of 384)" and ax2.get_ylabel() == "test accuracy (fraction of 379)"
+    assert sum(line.get_label().startswith("A, lr") for line in ax1.get_lines()) == 1  # one legend entry, 3 seeds drawn
+    plt.close(fig)
+    with pytest.raises(ValueError, match="none of \\['b'\\] is complete"):
+        plot_converged(data, {"b": "B"})
+    with pytest.raises(ValueError, match="curve_seeds='some' is not allowed"):
+        plot_converged(data, {"a": "A"}, curve_seeds="some")
+
+
+def test_read_study_names_the_file_and_its_state(tmp_path):
+    import json
+    import shutil
+
+    from lora_course.results import RESULTS_DIR
+
+    shutil.copy(RESULTS_DIR / "baseline.json", tmp_path / "baseline.json")
+    data, done, lines = read_study("dora_minilm", ["a"], results_dir=tmp_path)
+    assert data["runs"] == [] and done == {} and lines == ["dora_minilm: not run yet", "a: not run yet"]
+    (tmp_path / "in_progress").mkdir()
+    (tmp_path / "in_progress" / "dora_minilm.json").write_text(json.dumps({**_file(), "protocol": {}, "cpu_seconds": 7200}))
+    data, done, lines = read_study("dora_minilm", ["a", "b"], results_dir=tmp_path)
+    assert list(done) == ["a"] and lines[0].startswith("data/results/in_progress/dora_minilm.json: 9 runs, 2.0 CPU-hours so far")
+    assert lines[1].startswith("a: best validation") and lines[-1].startswith("b: in progress")
+    assert full_reference(results_dir=tmp_path) is None  # no rank sweep there
