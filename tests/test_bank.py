@@ -173,35 +173,20 @@ def _promises() -> list[tuple[str, str]]:
     return problems
 
 
-# Notebooks other people were editing when these checks were written (01, 03, 06, 07, 09, 11, 13,
-# 15): a failure there makes the test xfail with the list; a failure anywhere else fails it.
-NOT_OURS_PREFIXES = {"01", "03", "06", "07", "09", "11", "13", "15"}
+def _check(problems: list[tuple[str, str]], what: str) -> None:
+    assert not problems, f"{what}:\n  " + "\n  ".join(f"{n}: {p}" for n, p in problems)
 
 
-def _split(problems: list[tuple[str, str]]) -> tuple[list[str], list[str]]:
-    ours = [f"{n}: {p}" for n, p in problems if n[:2] not in NOT_OURS_PREFIXES]
-    theirs = [f"{n}: {p}" for n, p in problems if n[:2] in NOT_OURS_PREFIXES]
-    return ours, theirs
+def test_section_references_resolve() -> None:
+    _check(_broken_section_references(), "'notebook NN section M' without a '## M.' heading in notebook NN")
 
 
-def _check(problems: list[tuple[str, str]], what: str, request: pytest.FixtureRequest) -> None:
-    ours, theirs = _split(problems)
-    assert not ours, f"{what}:\n  " + "\n  ".join(ours)
-    if theirs:
-        request.applymarker(pytest.mark.xfail(strict=False, reason=f"in notebooks being edited by others: {theirs}"))
-    assert not theirs, f"{what} (in notebooks being edited by others):\n  " + "\n  ".join(theirs)
+def test_no_markdown_cites_a_cell_id() -> None:
+    _check(_cell_id_citations(), "Markdown cites an nbformat cell id (a learner cannot see cell ids)")
 
 
-def test_section_references_resolve(request: pytest.FixtureRequest) -> None:
-    _check(_broken_section_references(), "'notebook NN section M' without a '## M.' heading in notebook NN", request)
-
-
-def test_no_markdown_cites_a_cell_id(request: pytest.FixtureRequest) -> None:
-    _check(_cell_id_citations(), "Markdown cites an nbformat cell id (a learner cannot see cell ids)", request)
-
-
-def test_no_markdown_promises_a_measurement(request: pytest.FixtureRequest) -> None:
-    _check(_promises(), "Markdown promises that a notebook 'will measure/show/compute' (say what it measured)", request)
+def test_no_markdown_promises_a_measurement() -> None:
+    _check(_promises(), "Markdown promises that a notebook 'will measure/show/compute' (say what it measured)")
 
 
 def test_misconception_register_cites_no_cell_id() -> None:

@@ -117,14 +117,16 @@ def head_config() -> Config:
 
 def rank_sweep_configs() -> list[Config]:
     # Order only sets which runs come first: the configurations other studies share (rsLoRA
-    # r=8 with the zoo, q+k+v+o r=4 with AdaLoRA) early, the baselines last.
+    # r=8 with the zoo, q+k+v+o r=4 with AdaLoRA) early, then the rest of the ranks (the
+    # rank-vs-accuracy curve), the two references every accuracy plot draws (the head alone is
+    # cheap; full fine-tuning), then the other rsLoRA ranks and the last placement.
     ranks = [lora_config(f"lora_qv_r{r}", QV, r) for r in (8, 1, 64, 4, 16)]
     rslora = [lora_config(f"rslora_qv_r{r}", QV, r, use_rslora=True) for r in (8, 4, 64)]
     # Placement at one budget of 12,288 adapter parameters per layer: q alone, q+v, all four
     # attention projections (the LoRA paper's Table 5 compares placements at one budget).
     placement = [lora_config("lora_qkvo_r4", QKVO, 4), lora_config("lora_q_r16", ["query"], 16)]
     baselines = [full_config(), head_config()]
-    return ranks[:2] + [rslora[0], placement[0]] + ranks[2:] + rslora[1:] + placement[1:] + baselines
+    return ranks[:2] + [rslora[0], placement[0]] + ranks[2:] + baselines[::-1] + rslora[1:] + placement[1:]
 
 
 # AdaLoRA's budget schedule, fitted to the converged length of LoRA under the protocol (its
