@@ -168,7 +168,8 @@ def read_study(study: str, configs_shown: list[str] | tuple[str, ...],
     else:
         data = load(path)
         where = "data/results" if path.parent.name != "in_progress" else "data/results/in_progress"
-        lines = [f"{where}/{path.name}: {len(data['runs'])} runs, {data.get('cpu_seconds', 0) / 3600:.1f} CPU-hours"
+        n = len(data["runs"])
+        lines = [f"{where}/{path.name}: {n} run{'' if n == 1 else 's'}, {data.get('cpu_seconds', 0) / 3600:.1f} CPU-hours"
                  f"{'' if data.get('complete') else ' so far'} ({data.get('device', '?')}, "
                  f"{data.get('threads', '?')} thread per run)"]
     for name in configs_shown:
