@@ -441,8 +441,8 @@ def _dequantize_workspace(numel: int, d: int, blocksize: int) -> int:
     per value; a float32 output is decoded in place), a float32 chunk buffer when the dtype is not
     float32, and the float32 block absmax values. One decoding thread, as on a GPU and under a
     memory tracker: on a CPU, :func:`~lora_course.quant.nf4.decode_workers` threads each hold
-    their own chunk buffers (at most 6 MiB more per extra thread), which the estimate leaves out
-    so that it does not depend on the machine it is computed on."""
+    their own buffers of ``THREAD_DEQUANT_CHUNK`` values (at most 6 MiB per thread), which the
+    estimate leaves out so that it does not depend on the machine it is computed on."""
     from .quant.nf4 import DEQUANT_CHUNK
 
     chunk = min(numel, DEQUANT_CHUNK)

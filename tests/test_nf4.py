@@ -119,14 +119,14 @@ def test_several_chunks_with_a_short_last_block(dtype):
 def test_decoding_threads_give_the_same_bits(threads, dtype):
     """5 chunks and a short block shared out between 1, 2 or 3 threads (uneven runs of chunks):
     every value equal to bitsandbytes', whatever the thread count."""
-    from lora_course.quant.nf4 import DEQUANT_CHUNK, decode_workers
+    from lora_course.quant.nf4 import THREAD_DEQUANT_CHUNK, decode_workers
 
-    w = sample((5 * DEQUANT_CHUNK // 512 + 1, 512), dtype, seed=5)  # 5 full chunks + a short one
+    w = sample((5 * THREAD_DEQUANT_CHUNK // 512 + 1, 512), dtype, seed=5)  # 5 full chunks + a short one
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         assert decode_workers(w.numel()) == threads and decode_workers(w.numel(), "meta") == 1
-        assert decode_workers(DEQUANT_CHUNK) == 1  # one chunk: nothing to share out
+        assert decode_workers(THREAD_DEQUANT_CHUNK) == 1  # one chunk: nothing to share out
         for dq in (False, True):
             packed, st = bnb_quant(w, 64, dq)
             ours = quantize_nf4(w, double_quant=dq)

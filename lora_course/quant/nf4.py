@@ -109,11 +109,13 @@ _first = torch.searchsorted(_NF4_BOUNDS.double(), _edges - 4.0 / _BINS, side="le
 assert float((_NF4_BOUNDS[1:] - _NF4_BOUNDS[:-1]).min()) > 6.0 / _BINS  # window: 3 bins
 _BIN_FIRST = _first.to(torch.int32)
 _BIN_THRESH = torch.cat([_NF4_BOUNDS, torch.tensor([float("inf")])])[_first]  # (256,) float32
-#: values dequantized (or quantized) per step, per thread. A chunk's temporaries (4 MiB of float32,
-#: 2 MiB of int32 indices) stay in the last-level cache; smaller chunks mean more Python calls,
-#: and two decoding threads then wait on Python's lock (2^18 was 1.1-1.5x slower at 2 threads,
-#: ``benchmarks/README.md``)
-DEQUANT_CHUNK = 1 << 20
+#: values dequantized (or quantized) per step on one thread: the temporaries of one chunk stay in
+#: cache, and :func:`~lora_course.memory_estimate.estimate_training_memory` counts one such chunk
+DEQUANT_CHUNK = 1 << 18
+#: values per step when several threads decode (:func:`decode_workers` > 1): with smaller chunks
+#: the threads wait on Python's lock between operators (2^18 was 1.1-1.5x slower at 2 threads,
+#: ``benchmarks/README.md``); a chunk's 4 MiB of float32 and 2 MiB of indices stay in the L3 cache
+THREAD_DEQUANT_CHUNK = 1 << 20
 
 
 def _codes(s: torch.Tensor) -> torch.Tensor:
@@ -247,14 +249,14 @@ def dequantize_nf4(
 
 def decode_workers(numel: int, device: torch.device | str = "cpu") -> int:
     """How many threads dequantize ``numel`` values on ``device``: one per chunk of
-    :data:`DEQUANT_CHUNK` values, at most ``torch.get_num_threads()``; 1 off the CPU (a GPU
+    :data:`THREAD_DEQUANT_CHUNK` values, at most ``torch.get_num_threads()``; 1 off the CPU (a GPU
     kernel is parallel already) and 1 under a ``TorchDispatchMode`` (a mode is active in its own
     thread only: decoded in the calling thread, every operator passes through it). Each thread
     holds its own chunk of indices (and of float32 for a half-precision output);
     :func:`~lora_course.memory_estimate.estimate_training_memory` counts one thread's."""
     if torch.device(device).type != "cpu" or torch._C._len_torch_dispatch_stack() > 0:
         return 1
-    return max(1, min(torch.get_num_threads(), -(-numel // DEQUANT_CHUNK)))
+    return max(1, min(torch.get_num_threads(), -(-numel // THREAD_DEQUANT_CHUNK)))
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -289,9 +291,9 @@ def _decode_full_blocks(codes: torch.Tensor, am: torch.Tensor, out: torch.Tensor
     """
     nb = am.numel()
     half = blocksize // 2  # bytes per block
-    step = max(1, DEQUANT_CHUNK // blocksize)  # blocks per chunk
-    starts = list(range(0, nb, step))  # first block of each chunk
     workers = decode_workers(nb * blocksize, codes.device)
+    step = max(1, (DEQUANT_CHUNK if workers == 1 else THREAD_DEQUANT_CHUNK) // blocksize)  # blocks per chunk
+    starts = list(range(0, nb, step))  # first block of each chunk
     table = _pair_table(codes.device)  # (256,) int64
     direct = out.dtype == torch.float32
     rows = out.view(nb, blocksize)  # (nb, bs)
