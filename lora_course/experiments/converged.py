@@ -315,28 +315,15 @@ def replay(study: str, config: str, lr: float, seed: int = 0, steps: int = 50) -
 
 
 def summary_lines(study: str) -> list[str]:
-    """One line per configuration of ``study`` that has runs (complete or in progress): its
-    chosen rate, seeds, test accuracy +- standard error, validation, steps; then each
-    configuration against LoRA q+v r=8 (or the study's second configuration) as a verdict."""
-    from ..results import configs, load, study_file, summarize, verdict_line
+    """What ``--summary`` prints for ``study``: :func:`~lora_course.results.read_study`'s lines for
+    every configuration of the study (means only for complete ones), then each complete
+    configuration against LoRA q+v r=8 as a verdict."""
+    from ..results import read_study, verdict_line
 
-    path = study_file(study, RESULTS_DIR)
-    if path is None:
-        return [f"{study}: no runs yet"]
-    data = load(path)
-    lines = [f"{study} ({'complete' if data['complete'] else 'in progress'}, {len(data['runs'])} runs, "
-             f"{data['cpu_seconds'] / 3600:.2f} CPU-hours, {data.get('wall_seconds', data['cpu_seconds']) / 3600:.2f} h wall):"]
-    summaries = {}
-    for name in configs(data):
-        s = summarize(data, name)
-        summaries[name] = s
-        grid = sorted({r["lr"] for r in data["runs"] if r["config"] == name and r["seed"] == data["grid_seed"]})
-        lines.append(f"  {name:<20} test {s.mean:.4f} +- {s.se:.4f} (n={s.n}) at lr {s.lr:g} of {grid}; "
-                     f"val {s.val_mean:.4f}; {s.steps_mean:.0f} steps")
-    reference = summaries.get("lora_qv_r8")
-    for name, s in summaries.items():
-        if reference is not None and name != "lora_qv_r8" and s.n >= 2 and reference.n >= 2:
-            lines.append("  " + verdict_line(s, reference))
+    names = [c.name for c in STUDIES[study]()]
+    _, done, lines = read_study(study, names, RESULTS_DIR)
+    reference = done.get("lora_qv_r8")
+    lines += ["  " + verdict_line(s, reference) for name, s in done.items() if reference and name != "lora_qv_r8"]
     return lines
 
 
