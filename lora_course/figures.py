@@ -18,12 +18,26 @@ PROBE_STYLE = dict(color="0.35", linestyle="--", linewidth=1.2)
 FULL_STYLE = dict(color="C3", linestyle="-", linewidth=1.2)
 
 
-def draw_references(ax: Any, probe: float, full: Summary | None = None) -> None:
-    """Horizontal lines at the probe's test accuracy and (if given) full fine-tuning's mean,
-    with a shaded band of +- one standard error around the latter; both labelled for the legend."""
-    ax.axhline(probe, label=f"frozen encoder + trained head (probe): {probe:.4f}", **PROBE_STYLE)
+SPLIT_NAMES = {"test": "test", "val": "validation"}
+
+
+def draw_references(ax: Any, probe: float, full: Summary | None = None, split: str = "test") -> None:
+    """Horizontal lines at the probe's accuracy on ``split`` ("test" or "val") and (if given)
+    full fine-tuning's mean test accuracy, with a shaded band of +- one standard error around
+    the latter; both labelled for the legend, the probe's label naming its split.
+
+    Raises:
+        ValueError: if ``split`` is not "test" or "val", or ``full`` is given on the "val" split
+            (a :class:`~lora_course.results.Summary` holds test accuracies).
+    """
+    if split not in SPLIT_NAMES:
+        raise ValueError(f"split={split!r} is not allowed; allowed values: {', '.join(map(repr, SPLIT_NAMES))}")
+    if full is not None and split != "test":
+        raise ValueError(f"full is a summary of test accuracies; it cannot be drawn on the {split!r} split")
+    ax.axhline(probe, label=f"frozen encoder + trained head (probe), {SPLIT_NAMES[split]}: {probe:.4f}", **PROBE_STYLE)
     if full is not None:
-        ax.axhline(full.mean, label=f"full fine-tuning: {full.mean:.4f} +- {full.se:.4f} (n={full.n})", **FULL_STYLE)
+        ax.axhline(full.mean, label=f"full fine-tuning, test: {full.mean:.4f} +- {full.se:.4f} (n={full.n})",
+                   **FULL_STYLE)
         ax.axhspan(full.mean - full.se, full.mean + full.se, color=FULL_STYLE["color"], alpha=0.12, linewidth=0)
 
 
@@ -72,7 +86,7 @@ def plot_converged(results: dict[str, Any], labels: Mapping[str, str], full: Sum
         ax2.errorbar([k], [s.mean], yerr=[s.se], fmt="o", color=color, capsize=4)
         tests = [chosen_run(results, name, seed=seed)["test_accuracy"] for seed in results["seeds"]]
         ax2.plot([k + 0.15] * len(tests), tests, "x", color=color, markersize=5)
-    draw_references(ax1, probe_accuracy("val"))  # the probe on the same validation split
+    draw_references(ax1, probe_accuracy("val"), split="val")  # the probe on the same validation split
     ax1.set_xlabel("training step (batch of 32 texts)")
     ax1.set_ylabel(f"validation accuracy (fraction of {n_val})")
     ax1.set_title("learning curves at the chosen rates" + (" (seed 0)" if curve_seeds == "first" else "")

@@ -44,7 +44,14 @@ def test_probe_and_reference_lines():
     fig, ax = plt.subplots()
     draw_references(ax, probe, summarize(_file(), "a"))
     labels = [line.get_label() for line in ax.get_lines()]
-    assert labels[0].startswith("frozen encoder") and labels[1].startswith("full fine-tuning: 0.7200")
+    assert labels[0] == f"frozen encoder + trained head (probe), test: {probe:.4f}"
+    assert labels[1].startswith("full fine-tuning, test: 0.7200")
+    draw_references(ax, probe_accuracy("val"), split="val")
+    assert ax.get_lines()[-1].get_label().startswith("frozen encoder + trained head (probe), validation: ")
+    with pytest.raises(ValueError, match="split='train'"):
+        draw_references(ax, probe, split="train")
+    with pytest.raises(ValueError, match="cannot be drawn on the 'val' split"):
+        draw_references(ax, probe, summarize(_file(), "a"), split="val")
     plt.close(fig)
 
 
