@@ -86,8 +86,8 @@ def render_table(
         dates = sorted({e["date"] for e in measured})
         torches = ", ".join(sorted({e["torch"] for e in measured}))
         span = dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}"
-        lines += ["", f"Run times: wall time of `make notebooks` on {span} (torch {torches}), read from "
-                  f"`{Path(times_file).as_posix()}`; `make readme-table` rewrites this table."]
+        lines += ["", f"Run times: wall time of one execution of each notebook on {span} (torch {torches}), "
+                  f"recorded in `{Path(times_file).as_posix()}`, not typed by hand."]
     return "\n".join(lines)
 
 
