@@ -20,7 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .checks import check_real
+
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "data" / "results"
+#: the converged studies, one results file each (``lora_course.experiments.converged`` runs them)
+STUDY_NAMES = ("rank_sweep", "dora_minilm", "adalora_minilm", "qlora_minilm", "variants_zoo")
 RUN_FIELDS = ("config", "method", "seed", "lr", "steps", "val_curve", "best_val_accuracy", "test_accuracy")
 
 
@@ -50,11 +54,32 @@ def load(path: str | Path) -> dict[str, Any]:
                          "re-run the experiment that writes it") from exc
 
 
+def _results_folder(results_dir: str | Path | None) -> Path:
+    """``results_dir`` as a Path (default :data:`RESULTS_DIR`); a ValueError if it is not a folder."""
+    if results_dir is None:
+        return RESULTS_DIR
+    if not isinstance(results_dir, (str, Path)) or not Path(results_dir).is_dir():
+        raise ValueError(f"results_dir={results_dir!r} is not an existing folder; allowed: a folder holding the "
+                         f"results files, or None for {RESULTS_DIR}")
+    return Path(results_dir)
+
+
+def _check_grid_seed(grid_seed: Any) -> None:
+    if isinstance(grid_seed, bool) or not isinstance(grid_seed, int) or grid_seed < 0:
+        raise ValueError(f"grid_seed={grid_seed!r} is not allowed; allowed values: an integer >= 0 (the files use 0)")
+
+
 def study_file(study: str, results_dir: str | Path | None = None) -> Path | None:
-    """The converged file of ``study``: ``<study>.json`` once complete, else the one in
-    ``in_progress/``; ``None`` before the first run (a file without ``"protocol"``, written by
-    an older experiment, does not count)."""
-    folder = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    """The converged file of ``study`` (one of :data:`STUDY_NAMES`): ``<study>.json`` once
+    complete, else the one in ``in_progress/``; ``None`` before the first run (a file without
+    ``"protocol"``, written by an older experiment, does not count).
+
+    Raises:
+        ValueError: ``study`` is not one of :data:`STUDY_NAMES`, or ``results_dir`` is not a folder.
+    """
+    if study not in STUDY_NAMES:
+        raise ValueError(f"study={study!r} is unknown; allowed values: {', '.join(STUDY_NAMES)}")
+    folder = _results_folder(results_dir)
     for path in (folder / f"{study}.json", folder / "in_progress" / f"{study}.json"):
         if path.exists() and "protocol" in load(path):
             return path
@@ -85,6 +110,7 @@ def chosen_lr(runs: list[dict[str, Any]], grid_seed: int = 0) -> float:
 
 def summarize(results: dict[str, Any], config: str, grid_seed: int = 0) -> Summary:
     """Test accuracy (mean and standard error over seeds) of ``config`` at its chosen rate."""
+    _check_grid_seed(grid_seed)
     runs = runs_of(results, config)
     lr = chosen_lr(runs, grid_seed)
     at = [r for r in runs if r["lr"] == lr]
@@ -136,6 +162,7 @@ def config_lines(results: dict[str, Any], config: str, grid_seed: int = 0) -> li
     of its grid (grid seed), the chosen rate, each seed's test accuracy at its best validation
     step, and the mean +- standard error; for a configuration still missing runs, what it has
     so far and that it is not complete (no mean is printed for it)."""
+    _check_grid_seed(grid_seed)
     runs = [r for r in results["runs"] if r["config"] == config]
     if not runs:
         return [f"{config}: not run yet"]
@@ -161,6 +188,9 @@ def read_study(study: str, configs_shown: list[str] | tuple[str, ...],
     then :func:`config_lines` for each of ``configs_shown``. Before the study's first run the
     file is an empty one (no runs) and the lines say so.
     """
+    if isinstance(configs_shown, str) or not all(isinstance(c, str) for c in configs_shown):
+        raise ValueError(f"configs_shown={configs_shown!r} is not allowed; allowed: a list or tuple of configuration "
+                         "names, e.g. ['lora_qv_r8']")
     path = study_file(study, results_dir)
     if path is None:
         data: dict[str, Any] = {"runs": [], "seeds": [0, 1, 2]}
@@ -188,7 +218,7 @@ def probe_accuracy(split: str = "test", results_dir: str | Path | None = None) -
     trained linear head (``baseline.json``, ``python -m lora_course.experiments.baseline``)."""
     if split not in ("val", "test"):
         raise ValueError(f"split={split!r} is not allowed; allowed values: 'val', 'test'")
-    folder = Path(results_dir) if results_dir is not None else RESULTS_DIR
+    folder = _results_folder(results_dir)
     return float(load(folder / "baseline.json")[f"{split}_accuracy"])
 
 
@@ -197,7 +227,11 @@ def compare(a: Summary, b: Summary, z: float = 2.0) -> tuple[float, float, str]:
 
     The verdict is ``"distinguishable"`` when the difference exceeds ``z`` standard errors
     of the difference (sqrt(se_a^2 + se_b^2)), otherwise ``"not distinguishable"``.
+
+    Raises:
+        ValueError: if ``z`` is not a finite number > 0.
     """
+    check_real("z", z, low=0, low_open=True, what="standard errors a difference must exceed")
     diff = a.mean - b.mean
     se = math.sqrt(a.se**2 + b.se**2)
     return diff, se, "distinguishable" if abs(diff) > z * se else "not distinguishable"

@@ -8,6 +8,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pytest  # noqa: E402
 
+from lora_course import results  # noqa: E402
 from lora_course.figures import draw_references, plot_converged  # noqa: E402
 from lora_course.results import (chosen_lr, chosen_run, complete_summaries, config_complete, config_lines,  # noqa: E402
                                  full_reference, probe_accuracy, read_study, summarize)
@@ -103,3 +104,20 @@ def test_read_study_names_the_file_and_its_state(tmp_path):
     assert list(done) == ["a"] and lines[0].startswith("data/results/in_progress/dora_minilm.json: 9 runs, 2.0 CPU-hours so far")
     assert lines[1].startswith("a: best validation") and lines[-1].startswith("b: in progress")
     assert full_reference(results_dir=tmp_path) is None  # no rank sweep there
+
+
+def test_study_names_and_folders_are_checked(tmp_path):
+    from lora_course.experiments.converged import STUDIES
+
+    assert tuple(STUDIES) == results.STUDY_NAMES  # one list of studies: the runner's and the reader's
+    with pytest.raises(ValueError, match="study='nope' is unknown; allowed values: rank_sweep"):
+        results.study_file("nope")
+    with pytest.raises(ValueError, match="results_dir=.* is not an existing folder"):
+        results.read_study("rank_sweep", ["lora_qv_r8"], results_dir=tmp_path / "missing")
+    with pytest.raises(ValueError, match="configs_shown='lora_qv_r8' is not allowed"):
+        results.read_study("rank_sweep", "lora_qv_r8")
+    assert results.study_file("rank_sweep", tmp_path) is None  # an empty folder: no run yet
+    with pytest.raises(ValueError, match="grid_seed='0' is not allowed"):
+        results.config_lines({"runs": []}, "x", grid_seed="0")
+    with pytest.raises(ValueError, match="z must be a finite number > 0"):
+        results.compare(summarize(_file(), "a"), summarize(_file(), "a"), z=-1)

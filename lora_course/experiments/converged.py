@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..checks import check_real
 from ..data import DATA_DIR, label_names, load_text_classification
 from ..lora import add_lora, count_parameters
 from ..models import minilm_mean_pooled
@@ -310,6 +311,9 @@ def replay(study: str, config: str, lr: float, seed: int = 0, steps: int = 50) -
         raise ValueError(f"config={config!r} is not in study {study!r}; allowed values: {', '.join(found)}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0 or steps % PROTOCOL.eval_every:
         raise ValueError(f"steps={steps!r} must be a positive multiple of eval_every={PROTOCOL.eval_every}")
+    check_real("lr", lr, low=0, low_open=True, what="the recorded run's learning rate")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an integer >= 0, got seed={seed!r}")
     result, _ = found[config].run(lr, seed, PROTOCOL, stop_after=steps, progress=False)
     return result
 
