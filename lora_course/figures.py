@@ -12,7 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .results import Summary, chosen_run, complete_summaries, probe_accuracy
+from .checks import check_real
+from .results import Summary, check_results, check_summary, chosen_run, complete_summaries, probe_accuracy, seeds_of
 
 PROBE_STYLE = dict(color="0.35", linestyle="--", linewidth=1.2)
 FULL_STYLE = dict(color="C3", linestyle="-", linewidth=1.2)
@@ -26,12 +27,21 @@ def draw_references(ax: Any, probe: float, full: Summary | None = None, split: s
     full fine-tuning's mean test accuracy, with a shaded band of +- one standard error around
     the latter; both labelled for the legend, the probe's label naming its split.
 
+    Everything is checked before anything is drawn: on an error ``ax`` is left as it was.
+
     Raises:
-        ValueError: if ``split`` is not "test" or "val", or ``full`` is given on the "val" split
-            (a :class:`~lora_course.results.Summary` holds test accuracies).
+        ValueError: if ``ax`` is not a matplotlib Axes, ``probe`` is not an accuracy in [0, 1],
+            ``split`` is not "test" or "val", ``full`` is not None or a
+            :class:`~lora_course.results.Summary` with a finite mean and standard error, or
+            ``full`` is given on the "val" split (a Summary holds test accuracies).
     """
-    if split not in SPLIT_NAMES:
+    if not (callable(getattr(ax, "axhline", None)) and callable(getattr(ax, "axhspan", None))):
+        raise ValueError(f"ax must be a matplotlib Axes (e.g. from plt.subplots()), got ax={ax!r}")
+    check_real("probe", probe, 0.0, 1.0, what="the probe's accuracy")
+    if not isinstance(split, str) or split not in SPLIT_NAMES:
         raise ValueError(f"split={split!r} is not allowed; allowed values: {', '.join(map(repr, SPLIT_NAMES))}")
+    if full is not None:
+        check_summary("full", full)
     if full is not None and split != "test":
         raise ValueError(f"full is a summary of test accuracies; it cannot be drawn on the {split!r} split")
     ax.axhline(probe, label=f"frozen encoder + trained head (probe), {SPLIT_NAMES[split]}: {probe:.4f}", **PROBE_STYLE)
@@ -55,20 +65,32 @@ def plot_converged(results: dict[str, Any], labels: Mapping[str, str], full: Sum
     Returns the matplotlib figure (not shown).
 
     Raises:
-        ValueError: if ``curve_seeds`` is not "all" or "first", or no configuration in
-            ``labels`` is complete in ``results``.
+        ValueError: if ``results`` is not a results dict, ``labels`` is not a mapping from
+            configuration names to labels (str), ``full`` is not None or a valid Summary,
+            ``curve_seeds`` is not "all" or "first", ``title`` is not a str, or no configuration
+            in ``labels`` is complete in ``results``.
     """
     import matplotlib.pyplot as plt
 
     from .data import load_text_classification
 
-    if curve_seeds not in ("all", "first"):
+    check_results(results)
+    file_seeds = seeds_of(results)
+    if not isinstance(labels, Mapping) or not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+        raise ValueError(f"labels must be a mapping config name -> label (both str), e.g. {{'lora_qv_r8': 'LoRA'}}, "
+                         f"got labels={labels!r}")
+    if full is not None:
+        check_summary("full", full)
+    if not isinstance(curve_seeds, str) or curve_seeds not in ("all", "first"):
         raise ValueError(f"curve_seeds={curve_seeds!r} is not allowed; allowed values: 'all', 'first'")
+    if not isinstance(title, str):
+        raise ValueError(f"title must be a str ('' for none), got title={title!r}")
     done = complete_summaries(results)
     names = [n for n in labels if n in done]
     if not names:
-        raise ValueError(f"none of {list(labels)} is complete in this file; complete: {list(done) or 'none'}")
-    seeds = list(results["seeds"]) if curve_seeds == "all" else list(results["seeds"])[:1]
+        raise ValueError(f"labels: none of {list(labels)} is complete in results; complete: {list(done) or 'none'}")
+    seeds = file_seeds if curve_seeds == "all" else file_seeds[:1]
+    probe_val, probe_test = probe_accuracy("val"), probe_accuracy()  # read before a figure exists
     n_val, n_test = (len(load_text_classification()[split]) for split in ("val", "test"))
     wide = len(names) > 4
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12 if wide else 10, 5.2 if wide else 4.6),
@@ -84,15 +106,15 @@ def plot_converged(results: dict[str, Any], labels: Mapping[str, str], full: Sum
             ax1.plot(run["best_step"], run["best_val_accuracy"], "o", color=color, markersize=4)
         s = done[name]
         ax2.errorbar([k], [s.mean], yerr=[s.se], fmt="o", color=color, capsize=4)
-        tests = [chosen_run(results, name, seed=seed)["test_accuracy"] for seed in results["seeds"]]
+        tests = [chosen_run(results, name, seed=seed)["test_accuracy"] for seed in file_seeds]
         ax2.plot([k + 0.15] * len(tests), tests, "x", color=color, markersize=5)
-    draw_references(ax1, probe_accuracy("val"), split="val")  # the probe on the same validation split
+    draw_references(ax1, probe_val, split="val")  # the probe on the same validation split
     ax1.set_xlabel("training step (batch of 32 texts)")
     ax1.set_ylabel(f"validation accuracy (fraction of {n_val})")
     ax1.set_title("learning curves at the chosen rates" + (" (seed 0)" if curve_seeds == "first" else "")
                   + "; dot: best step", fontsize=10)
     ax1.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2 if wide else 1)
-    draw_references(ax2, probe_accuracy(), full)
+    draw_references(ax2, probe_test, full)
     ax2.set_xticks(range(len(names)), [labels[n] for n in names], rotation=30 if wide else 0,
                    ha="right" if wide else "center")
     ax2.set_xlim(-0.6, len(names) - 0.4)

@@ -9,7 +9,8 @@ as :func:`~lora_course.add_lora` / :func:`~lora_course.add_qlora`. Measuring the
 memory is :mod:`lora_course.memory_measure`.
 
 The activation model is written for Llama-family decoders (transformers' ``LlamaForCausalLM``
-and its relatives: RMSNorm, rotary embeddings, SwiGLU MLP, grouped-query attention) with
+and its relatives: RMSNorm, rotary embeddings, SwiGLU MLP, grouped-query attention; the
+``model_type`` values in :data:`LLAMA_FAMILY`) with
 PyTorch's fused ``scaled_dot_product_attention`` (no (seq x seq) matrix is kept); it counts
 the tensors autograd saves for backward, layer by layer (see :func:`activation_bytes`).
 """
@@ -32,6 +33,14 @@ __all__ = ["METHODS", "OPTIMIZERS", "MemoryBreakdown", "activation_bytes", "esti
 
 METHODS = ("full", "lora", "qlora")
 OPTIMIZERS = ("adamw", "adamw8bit", "sgd")
+#: config ``model_type`` values whose activations :func:`activation_bytes` models (other configs
+#: get no activation estimate, with a note saying so)
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+#: the projections inside a Llama decoder layer (what ``trained`` may name)
+LAYER_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# integer size fields of a config, checked before a model is built from it (>= 1; layers >= 0)
+_SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size")
 # bitsandbytes' blockwise 8-bit optimizers: one uint8 per state value plus one float32
 # absmax per block of 256 values (bitsandbytes.optim.optimizer.Optimizer8bit, block_wise=True).
 ADAM8BIT_BLOCKSIZE = 256
@@ -63,6 +72,14 @@ class MemoryBreakdown:
     notes: list[str] = field(default_factory=list)
 
     PARTS = ("weights", "quant_constants", "gradients", "optimizer_states", "activations")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.method, str) or self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is unknown; allowed values: {', '.join(METHODS)}")
+        for name in (*self.PARTS, "backward_workspace", "optimizer_workspace", "trainable_params", "total_params"):
+            setattr(self, name, check_int(name, getattr(self, name), low=0))  # bytes or counts
+        if not isinstance(self.notes, list) or not all(isinstance(note, str) for note in self.notes):
+            raise ValueError(f"notes must be a list of str, got notes={self.notes!r:.80}")
 
     @property
     def total(self) -> int:
@@ -123,11 +140,19 @@ def _unique_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
+def _numels(numels: Any) -> list[int]:
+    """``numels`` (an iterable of element counts, integers >= 0) as a list, or a ``ValueError``."""
+    if isinstance(numels, (str, bytes)) or not isinstance(numels, Iterable):
+        raise ValueError(f"numels must be an iterable of element counts (integers >= 0), got numels={numels!r:.80}")
+    return [check_int(f"numels[{k}]", n, low=0) for k, n in enumerate(list(numels))]
+
+
 def adam8bit_state_bytes(numels: Iterable[int]) -> int:
     """Two moments per value; bitsandbytes keeps tensors under 4,096 values in float32, and
-    all 8-bit tensors share two 256-entry float32 code books (``qmap1``, ``qmap2``)."""
+    all 8-bit tensors share two 256-entry float32 code books (``qmap1``, ``qmap2``).
+    ``numels``: the element count of each trained tensor (integers >= 0)."""
     total, any_8bit = 0, False
-    for n in numels:
+    for n in _numels(numels):
         if n >= 4096:
             total += 2 * (n + 4 * math.ceil(n / ADAM8BIT_BLOCKSIZE))
             any_8bit = True
@@ -145,6 +170,10 @@ def _nf4_bytes(numel: int, blocksize: int, double_quant: bool) -> tuple[int, int
 
 
 def _llama_dims(config: Any) -> dict[str, int]:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in LLAMA_FAMILY:
+        raise ValueError(f"the activation model needs a Llama-family config (model_type {', '.join(LLAMA_FAMILY)}); "
+                         f"config is {type(config).__name__} with model_type {model_type!r}")
     needed = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
     missing = [k for k in needed if getattr(config, k, None) is None]
     if missing:
@@ -152,11 +181,13 @@ def _llama_dims(config: Any) -> dict[str, int]:
             f"the activation model needs a Llama-family config (fields {', '.join(needed)}); "
             f"{type(config).__name__} lacks {', '.join(missing)}"
         )
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return dict(h=config.hidden_size, i=config.intermediate_size, layers=config.num_hidden_layers,
-                heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-                head_dim=head_dim, vocab=config.vocab_size)
+    size = {k: check_int(f"config.{k}", getattr(config, k), low=0 if k == "num_hidden_layers" else 1) for k in needed}
+    heads = size["num_attention_heads"]
+    head_dim = check_int("config.head_dim (or hidden_size // num_attention_heads)",
+                         getattr(config, "head_dim", None) or size["hidden_size"] // heads)
+    kv_heads = check_int("config.num_key_value_heads", getattr(config, "num_key_value_heads", None) or heads)
+    return dict(h=size["hidden_size"], i=size["intermediate_size"], layers=size["num_hidden_layers"],
+                heads=heads, kv_heads=kv_heads, head_dim=head_dim, vocab=size["vocab_size"])
 
 
 def activation_bytes(
@@ -204,11 +235,38 @@ def activation_bytes(
     output (``4V`` per token) was freed, next to the MLP's gradients (``d*(2i + h)`` per token)
     (with checkpointing: next to the recomputed layer). This QLoRA moment is modelled to
     within a few percent of a small model's peak; the others are exact for this implementation.
+
+    Arguments (a ``ValueError`` names a bad one): ``config`` of a ``model_type`` in
+    :data:`LLAMA_FAMILY` with integer sizes (``num_hidden_layers >= 1`` with checkpointing);
+    ``batch``, ``seq_len``: integers >= 1; ``dtype``, ``adapter_dtype``: float32, float16 or
+    bfloat16; ``trained``: None or a collection (not a str) of names in :data:`LAYER_PROJECTIONS`;
+    ``lora_r``: an integer >= 1, needed when ``trained`` is given; ``gradient_checkpointing``:
+    True or False; ``dequantize_bytes``: an integer >= 0.
     """
+    batch, seq_len = check_int("batch", batch), check_int("seq_len", seq_len)
+    check_float_dtype("dtype", dtype)
+    check_float_dtype("adapter_dtype", adapter_dtype)
+    check_bool("gradient_checkpointing", gradient_checkpointing)
+    dequantize_bytes = check_int("dequantize_bytes", dequantize_bytes, low=0)
+    lora_r = check_int("lora_r", lora_r, allow_none=True)
+    full = trained is None
+    if not full:
+        if isinstance(trained, (str, bytes)) or not isinstance(trained, Iterable):
+            raise ValueError(f"trained must be None (full fine-tuning) or a collection of projection names such as "
+                             f"['q_proj', 'v_proj'], got trained={trained!r:.80}")
+        trained = list(trained)
+        unknown = [n for n in trained if not isinstance(n, str) or n not in LAYER_PROJECTIONS]
+        if unknown:
+            raise ValueError(f"trained={trained!r:.80} names {unknown!r:.60}, which are not projections of a "
+                             f"Llama decoder layer; allowed values: {', '.join(LAYER_PROJECTIONS)}")
+        if lora_r is None:
+            raise ValueError("lora_r must be an integer >= 1 (the LoRA rank) when trained is given, got lora_r=None")
     dims = _llama_dims(config)
+    if gradient_checkpointing and dims["layers"] < 1:
+        raise ValueError(f"gradient_checkpointing needs config.num_hidden_layers >= 1, got "
+                         f"config.num_hidden_layers={dims['layers']!r}")
     h, i, heads, kv, hd, vocab = (dims[k] for k in ("h", "i", "heads", "kv_heads", "head_dim", "vocab"))
     d, a = _bytes_of(dtype), _bytes_of(adapter_dtype)
-    full = trained is None
     names = set() if full else set(trained)
 
     def inputs_saved(group: tuple[str, ...], width: int, already_saved: bool = False) -> int:
@@ -313,8 +371,10 @@ def estimate_training_memory(
     Raises:
         ValueError: unknown method or optimizer, r < 1, batch/seq_len < 1, a dtype that is
             not float32/float16/bfloat16, a flag that is not True/False, a parameter count
-            with lora/qlora, or a ``model`` of none of the kinds above (the message names
-            the argument).
+            with lora/qlora, a ``model`` of none of the kinds above, a config (or dict) whose
+            sizes are not integers >= 1 or that transformers refuses, or a model without
+            parameters (the message names the argument). A config whose ``model_type`` is not
+            in :data:`LLAMA_FAMILY` gets no activation estimate (0, with a note saying so).
     """
     from .surgery import find_lora_targets  # surgery imports nothing from the package
     from .quant.nf4 import BLOCKSIZES_4BIT
@@ -348,10 +408,16 @@ def estimate_training_memory(
                                optimizer_states=states, activations=0, trainable_params=n,
                                total_params=n, notes=notes)
 
-    config = getattr(model, "config", None) if isinstance(model, nn.Module) else _as_config(model)
-    net = model if isinstance(model, nn.Module) else _meta_model_cached(config)
+    if isinstance(model, nn.Module):
+        config, net = getattr(model, "config", None), model
+    else:
+        config = _as_config(model)
+        _check_config_sizes(config)  # before a model is built from it
+        net = _meta_model_cached(config)
     params = _unique_params(net)
     n_total = sum(p.numel() for p in params.values())
+    if n_total == 0:
+        raise ValueError(f"model has no parameters, nothing to train: got {type(model).__name__}")
     targets = [] if method == "full" else find_lora_targets(net, target_modules)
     shapes = {name: tuple(net.get_submodule(name).weight.shape) for name in targets}
     lora_numels = [k for name, (out_f, in_f) in shapes.items() for k in (r * in_f, out_f * r)]
@@ -379,10 +445,11 @@ def estimate_training_memory(
             notes.append("qlora: targeted layers in NF4; other weights in dtype")
         layer_prefix = _first_layer_prefix(targets)
         trained_in_layer = {t[len(layer_prefix):].rsplit(".", 1)[-1] for t in targets if t.startswith(layer_prefix)}
+        trained_in_layer &= set(LAYER_PROJECTIONS)  # other names (lm_head...) change no layer's activations
     activations, workspace = 0, 0
     if config is None:  # a plain nn.Module: no config to read the shapes of activations from
         notes.append("activations not estimated: the model has no transformers config")
-    else:
+    else:  # a config outside LLAMA_FAMILY: activation_bytes refuses it, and the note says why
         try:
             activations, workspace = activation_bytes(
                 config, batch, seq_len, dtype, trained_in_layer, r if method != "full" else None,
@@ -431,8 +498,29 @@ def _as_config(model: Any) -> Any:
         except (ValueError, KeyError) as exc:
             raise ValueError(f"model={{'model_type': {model['model_type']!r}, ...}} is not a config "
                              f"transformers knows: {exc}") from None
+        except (TypeError, *_config_field_errors()) as exc:  # a field of the wrong type or an inconsistent set
+            raise ValueError(f"model={{'model_type': {model['model_type']!r}, ...}} has fields transformers "
+                             f"refuses: {' '.join(str(exc).split())}") from None
     raise ValueError("model must be a transformers config (or its dict), a model (nn.Module) or a "
                      f"parameter count, got {type(model).__name__}: {model!r:.80}")
+
+
+def _config_field_errors() -> tuple[type[Exception], ...]:
+    """The exceptions transformers' strict config dataclasses raise for a bad field (huggingface_hub)."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # an older huggingface_hub: configs are not strict dataclasses
+        return ()
+    return (StrictDataclassError,)
+
+
+def _check_config_sizes(config: Any) -> None:
+    """The integer sizes of a config (:data:`_SIZE_FIELDS` it has) are integers >= 1 (layers >= 0):
+    a ``ValueError`` naming ``model.<field>`` rather than a failure while the model is built."""
+    for k in _SIZE_FIELDS:
+        value = getattr(config, k, None)
+        if value is not None and not isinstance(value, (list, tuple)):  # some configs give one per layer
+            check_int(f"model.{k}", value, low=0 if k == "num_hidden_layers" else 1)
 
 
 def _dequantize_workspace(numel: int, d: int, blocksize: int) -> int:
@@ -460,6 +548,15 @@ def _first_layer_prefix(names: Sequence[str]) -> str:
 
 
 def optimizer_state_bytes(optimizer: str, numels: Sequence[int], state_dtype: torch.dtype, master: bool) -> int:
+    """Bytes of ``optimizer``'s state (one of :data:`OPTIMIZERS`) for trained tensors of ``numels``
+    elements (integers >= 0): ``"adamw"`` two moments in ``state_dtype`` (float32/float16/bfloat16),
+    ``"adamw8bit"`` :func:`adam8bit_state_bytes`, ``"sgd"`` none; ``master`` (True or False) adds a
+    float32 copy of every value. A ``ValueError`` names a bad argument."""
+    if not isinstance(optimizer, str) or optimizer not in OPTIMIZERS:
+        raise ValueError(f"optimizer={optimizer!r} is unknown; allowed values: {', '.join(OPTIMIZERS)}")
+    numels = _numels(numels)
+    check_float_dtype("state_dtype", state_dtype)
+    check_bool("master", master)
     n = sum(numels)
     extra = 4 * n if master else 0
     if optimizer == "adamw":

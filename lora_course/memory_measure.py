@@ -22,8 +22,31 @@ from torch.utils._pytree import tree_flatten
 __all__ = ["LiveBytes", "PeakMemory", "storage_bytes", "track_peak_memory"]
 
 
+def _dense_tensors(name: str, tensors: Any) -> list[torch.Tensor]:
+    """``tensors`` (an iterable of dense tensors; one tensor stands for itself) as a list, or a
+    ``ValueError`` naming ``name``: anything else, or a sparse tensor (its values are not one storage)."""
+    if isinstance(tensors, torch.Tensor):
+        tensors = [tensors]
+    elif isinstance(tensors, (str, bytes, nn.Module)) or not isinstance(tensors, Iterable):
+        hint = "; pass [*module.parameters(), *module.buffers()]" if isinstance(tensors, nn.Module) else ""
+        raise ValueError(f"{name} must be an iterable of tensors (a list, a generator), got "
+                         f"{type(tensors).__name__}: {tensors!r:.60}{hint}")
+    out = list(tensors)
+    for k, t in enumerate(out):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must hold only tensors; item {k} is {type(t).__name__}: {t!r:.60}")
+        if t.layout != torch.strided:
+            raise ValueError(f"{name}: item {k} is a {t.layout} tensor; sparse tensors are not supported "
+                             "(only dense, strided tensors have one storage to count)")
+    return out
+
+
 def storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes of the distinct storages behind ``tensors`` (views and tied weights count once)."""
+    """Bytes of the distinct storages behind ``tensors`` (views and tied weights count once).
+
+    ``tensors``: an iterable of dense tensors (a single tensor counts as ``[tensor]``); anything
+    else, or a sparse tensor, is a ``ValueError``."""
+    tensors = _dense_tensors("tensors", tensors)
     return sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}.values())
 
 
@@ -34,10 +57,12 @@ class LiveBytes(TorchDispatchMode):
     in-place results add nothing) and its bytes are subtracted when it is freed (a weak
     reference callback). ``alive``: tensors that exist before the block (weights, optimizer
     states, the batch); their storages are counted from the start (``baseline``), and a
-    view of them created inside (a transpose, a ``detach``) adds nothing.
+    view of them created inside (a transpose, a ``detach``) adds nothing. ``alive`` must be an
+    iterable of dense tensors (a ``ValueError`` otherwise; sparse tensors are not supported).
     """
 
     def __init__(self, alive: Iterable[torch.Tensor] = ()) -> None:
+        alive = _dense_tensors("alive", alive)
         super().__init__()
         self.live = self.peak = 0
         self._alive: dict[int, weakref.ref] = {}
@@ -88,7 +113,7 @@ class PeakMemory:
 
 def _tensors_of(objects: Sequence[Any]) -> list[torch.Tensor]:
     tensors: list[torch.Tensor] = []
-    for obj in objects:
+    for k, obj in enumerate(objects):
         if isinstance(obj, torch.Tensor):
             tensors.append(obj)
         elif isinstance(obj, nn.Module):
@@ -97,9 +122,35 @@ def _tensors_of(objects: Sequence[Any]) -> list[torch.Tensor]:
             tensors += [v for state in obj.state.values() for v in state.values() if torch.is_tensor(v)]
         else:
             raise ValueError(
-                f"track_peak_memory counts tensors, modules and optimizers; got {type(obj).__name__!r}"
+                f"alive: track_peak_memory counts tensors, modules and optimizers; alive[{k}] is "
+                f"{type(obj).__name__!r}: {obj!r:.60} (pass them one by one: track_peak_memory(model, optimizer))"
             )
+    for t in tensors:
+        if t.layout != torch.strided:
+            raise ValueError(f"alive holds a {t.layout} tensor; sparse tensors are not supported")
     return tensors
+
+
+def _check_device(device: Any) -> torch.device:
+    """``device`` of :func:`track_peak_memory`: "cpu", "cuda", "cuda:N" or a ``torch.device`` of
+    those, with CUDA only where it is available; a ``ValueError`` otherwise."""
+    dev = None
+    if isinstance(device, torch.device):
+        dev = device
+    elif isinstance(device, str):
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, ValueError, TypeError):
+            pass
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r} is not supported; allowed: None (from the alive objects), "
+                         "'cpu', 'cuda', 'cuda:N' or a torch.device of those")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} needs CUDA, which is not available here "
+                         "(torch.cuda.is_available() is False); use device='cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device={device!r}: there are {torch.cuda.device_count()} CUDA devices")
+    return dev
 
 
 @contextlib.contextmanager
@@ -116,8 +167,15 @@ def track_peak_memory(*alive: Any, device: str | torch.device | None = None) -> 
         with track_peak_memory(model, optimizer) as mem:
             loss = model(**batch).loss; loss.backward(); optimizer.step()
         print(mem.peak / 2**20, "MiB")
+
+    ``alive``: tensors (dense), modules, optimizers; ``device``: None, "cpu", "cuda", "cuda:N" or
+    a ``torch.device`` (CUDA only where available). Anything else is a ``ValueError`` on entry.
     """
-    dev = torch.device(device) if device is not None else _device_of(alive)
+    tensors = _tensors_of(alive)  # checked first, on every device
+    if device is not None:
+        dev = _check_device(device)
+    else:
+        dev = tensors[0].device if tensors else torch.device("cpu")
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
@@ -128,15 +186,11 @@ def track_peak_memory(*alive: Any, device: str | torch.device | None = None) -> 
         result.end = torch.cuda.memory_allocated(dev)
         return
     if dev.type != "cpu":
-        raise ValueError(f"device={str(dev)!r} is not supported; allowed: cpu, cuda")
-    tracker = LiveBytes(_tensors_of(alive))
+        raise ValueError(f"alive holds tensors on {str(dev)!r}, which is not supported; allowed: cpu, cuda "
+                         "(a meta tensor has no memory to measure)")
+    tracker = LiveBytes(tensors)
     result = PeakMemory("cpu", baseline=tracker.baseline)
     with tracker:
         yield result
     result.peak, result.end = tracker.peak, tracker.live
 
-
-def _device_of(objects: Sequence[Any]) -> torch.device:
-    for t in _tensors_of(objects):
-        return t.device
-    return torch.device("cpu")

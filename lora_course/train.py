@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable as IterableABC
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -17,7 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm  # plain tqdm (stderr): tqdm.auto needs ipywidgets in notebooks
 
-from .checks import check_int, check_real
+from .checks import check_bool, check_int, check_real, plain_number
 
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,
@@ -80,6 +81,37 @@ def _cycle(batches: Iterable[Any]) -> Iterator[Any]:
             )
 
 
+def _check_callable(name: str, value: Any, allow_none: bool = False, what: str = "a function") -> None:
+    """``value`` must be callable (or ``None`` where allowed)."""
+    if not (callable(value) or (allow_none and value is None)):
+        raise ValueError(f"{name} must be {'None or ' if allow_none else ''}{what}, got {name}={value!r}")
+
+
+def _check_model(model: Any, trainable: bool = False) -> list[nn.Parameter]:
+    """``model`` must be an ``nn.Module`` with parameters (with ``requires_grad=True`` if ``trainable``)."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got model={model!r}")
+    params = [p for p in model.parameters() if p.requires_grad or not trainable]
+    if not params and trainable:
+        raise ValueError("model has no trainable parameters (requires_grad=True): unfreeze some or add an adapter")
+    if not params:
+        raise ValueError(f"model has no parameters (its device is read from them), got model={model!r}")
+    return params
+
+
+def _check_data(data: Any) -> int:
+    """``data`` must be tokenized rows (``{input_ids, attention_mask, labels}`` tensors, at least one row);
+    returns the number of rows."""
+    keys = ("input_ids", "attention_mask", "labels")
+    if not isinstance(data, Mapping) or not all(isinstance(data.get(k), torch.Tensor) for k in keys):
+        shown = f"a mapping with keys {sorted(map(str, data))}" if isinstance(data, Mapping) else repr(data)
+        raise ValueError(f"data must be a dict of tensors {', '.join(keys)} (as tokenization makes), got {shown}")
+    if data["attention_mask"].dim() != 2 or len(data["attention_mask"]) == 0:
+        raise ValueError(f"data must have at least 1 row of a 2-D attention_mask, "
+                         f"got attention_mask of shape {tuple(data['attention_mask'].shape)}")
+    return len(data["attention_mask"])
+
+
 def make_optimizer(params: list[nn.Parameter], optimizer: str | Callable, lr: float, weight_decay: float):
     """``optimizer`` is a name in :data:`OPTIMIZERS` or a class/callable ``(params, lr=, weight_decay=)``."""
     if isinstance(optimizer, str):
@@ -88,6 +120,11 @@ def make_optimizer(params: list[nn.Parameter], optimizer: str | Callable, lr: fl
                 f"optimizer={optimizer!r} is unknown; allowed values: {', '.join(OPTIMIZERS)} or an optimizer class"
             )
         optimizer = OPTIMIZERS[optimizer]
+    _check_callable("optimizer", optimizer, what=f"one of {', '.join(OPTIMIZERS)} or an optimizer class")
+    check_real("lr", lr, low=0, what="a learning rate")
+    check_real("weight_decay", weight_decay, low=0)
+    if not isinstance(params, (list, tuple)) or not params:
+        raise ValueError(f"params must be a non-empty list of parameters (or parameter groups), got params={params!r}")
     return optimizer(params, lr=lr, weight_decay=weight_decay)
 
 
@@ -113,13 +150,15 @@ def train(
             and after the last step.
     The model is in train mode during the loop and gets its previous mode back after.
     """
+    params = _check_model(model, trainable=True)
     check_int("steps", steps)
     check_int("eval_every", eval_every, allow_none=True)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model has no trainable parameters (requires_grad=True): "
-                         "unfreeze some or add an adapter")
-    opt = make_optimizer(params, optimizer, lr, weight_decay)
+    if isinstance(batches, (str, bytes)) or not isinstance(batches, IterableABC):
+        raise ValueError(f"batches must be an iterable of batches (a list, a re-iterable or an endless iterator), "
+                         f"got batches={batches!r}")
+    _check_callable("loss_fn", loss_fn, what="a function (model, batch) -> scalar loss tensor")
+    _check_callable("eval_fn", eval_fn, allow_none=True, what="a function (model) -> metric")
+    opt = make_optimizer(params, optimizer, lr, weight_decay)  # checks optimizer, lr, weight_decay
     device, was_training = params[0].device, model.training
     history, start = History(), time.perf_counter()
     model.train()
@@ -127,6 +166,9 @@ def train(
     try:
         for step, batch in zip(range(1, steps + 1), _cycle(batches)):
             loss = loss_fn(model, _to_device(batch, device))
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                shown = f"shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else repr(loss)
+                raise ValueError(f"loss_fn must return a scalar loss tensor, got {shown} at step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -134,7 +176,11 @@ def train(
             bar.update(1)
             bar.set_postfix(loss=f"{history.losses[-1]:.4g}", refresh=False)
             if eval_fn is not None and (step == steps or (eval_every and step % eval_every == 0)):
-                history.eval.append((step, float(eval_fn(model))))
+                metric = eval_fn(model)
+                try:
+                    history.eval.append((step, float(metric)))
+                except (TypeError, ValueError):
+                    raise ValueError(f"eval_fn must return a number, got {metric!r} at step {step}") from None
                 model.train()  # eval_fn may have switched to eval mode
     finally:
         bar.close()
@@ -143,14 +189,31 @@ def train(
     return history
 
 
-def _tokenize(tokenizer: Any, dataset: Any, max_length: int) -> dict[str, torch.Tensor]:
-    """Tokenize ``dataset["text"]`` once, padded to ``max_length``; add ``labels``."""
+def _column(dataset: Any, column: str, name: str) -> list[Any]:
+    try:
+        return list(dataset[column])
+    except (KeyError, TypeError, IndexError, ValueError):
+        raise ValueError(f"{name} has no {column!r} column; expected rows with 'text' and 'label' columns") from None
+
+
+def _tokenize(tokenizer: Any, dataset: Any, max_length: int, name: str = "dataset") -> dict[str, torch.Tensor]:
+    """Tokenize ``dataset["text"]`` once, padded to ``max_length``; add ``labels``. ``name`` is
+    what messages call the dataset (``splits['val']``)."""
     check_int("max_length", max_length, low=2)
-    if len(dataset) == 0:
-        raise ValueError("dataset is empty; expected rows with 'text' and 'label' columns")
-    enc = tokenizer(list(dataset["text"]), padding="max_length", truncation=True,
+    _check_callable("tokenizer", tokenizer, what="a tokenizer (callable on a list of texts)")
+    try:
+        n = len(dataset)
+    except TypeError:
+        raise ValueError(f"{name} must be a dataset with 'text' and 'label' columns, got {name}={dataset!r}") from None
+    if n == 0:
+        raise ValueError(f"{name} is empty; expected rows with 'text' and 'label' columns")
+    texts, label_list = _column(dataset, "text", name), _column(dataset, "label", name)
+    try:
+        labels = torch.tensor(label_list)  # (n,)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name}['label'] must hold integer class ids, got {label_list[:3]!r}...") from None
+    enc = tokenizer(texts, padding="max_length", truncation=True,
                     max_length=max_length, return_tensors="pt")  # (n, max_length) each
-    labels = torch.tensor(list(dataset["label"]))  # (n,)
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
 
 
@@ -177,6 +240,8 @@ def classification_batches(
     """
     check_int("batch_size", batch_size)
     check_int("epochs", epochs, allow_none=True)
+    check_bool("shuffle", shuffle)
+    check_int("seed", seed, low=0)
     return _batches(_tokenize(tokenizer, dataset, max_length), batch_size, shuffle, seed, epochs)
 
 
@@ -195,9 +260,11 @@ def evaluate_accuracy(
     model: nn.Module, tokenizer: Any, dataset: Any, batch_size: int = 64, max_length: int = 32
 ) -> float:
     """Accuracy of ``model``'s argmax prediction on ``dataset`` (in eval mode, without gradients)."""
-    was_training, device = model.training, next(model.parameters()).device
-    model.eval()
+    device = _check_model(model)[0].device
+    # tokenizes (and checks everything) before the model's mode changes
     batches = classification_batches(tokenizer, dataset, batch_size, max_length, shuffle=False, epochs=1)
+    was_training = model.training
+    model.eval()
     correct = total = 0
     try:
         for batch in batches:
@@ -267,14 +334,16 @@ class Protocol:
     group_by_length: int = 16  # batches per length-sorted pool (0: plain shuffled batches)
 
     def __post_init__(self) -> None:
+        # stored as plain Python numbers (np.int64(32) -> 32), so that as_dict() goes to JSON
+        store = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen dataclass)
         for name in ("batch_size", "max_steps", "eval_every", "patience"):
-            check_int(name, getattr(self, name))
-        check_int("max_length", self.max_length, low=2)
-        check_int("warmup_steps", self.warmup_steps, low=0)
+            store(name, check_int(name, getattr(self, name)))
+        store("max_length", check_int("max_length", self.max_length, low=2))
+        store("warmup_steps", check_int("warmup_steps", self.warmup_steps, low=0))
         if self.warmup_steps >= self.max_steps:
             raise ValueError(f"warmup_steps must be < max_steps={self.max_steps}, got warmup_steps={self.warmup_steps}")
-        check_real("weight_decay", self.weight_decay, low=0)
-        check_int("group_by_length", self.group_by_length, low=0)
+        store("weight_decay", plain_number(check_real("weight_decay", self.weight_decay, low=0), self.weight_decay))
+        store("group_by_length", check_int("group_by_length", self.group_by_length, low=0))
 
     def as_dict(self) -> dict[str, Any]:
         """The settings, for the ``"protocol"`` entry of a results file."""
@@ -285,8 +354,11 @@ class Protocol:
                            "sorted by length (less padding; the order of the batches is shuffled again)"}
 
     def lr_factor(self, step: int) -> float:
-        """Multiplier of the peak learning rate at optimizer step ``step`` (1-based)."""
-        if step <= self.warmup_steps:
+        """Multiplier of the peak learning rate at optimizer step ``step`` (1-based; 0 is the start):
+        ``step / warmup_steps`` during the warm-up, then linear decay to 0 at ``max_steps`` (and 0
+        after it); without warm-up (``warmup_steps=0``) the decay starts at 1 at step 0."""
+        step = check_int("step", step, low=0)
+        if step <= self.warmup_steps and self.warmup_steps > 0:
             return step / self.warmup_steps
         return max(0.0, (self.max_steps - step) / (self.max_steps - self.warmup_steps))
 
@@ -319,7 +391,16 @@ def length_grouped_batches(data: dict[str, torch.Tensor], batch_size: int, pool:
     into pools of ``pool`` batches, each pool sorted by text length and cut into batches, and
     the batches of the epoch shuffled again; ``pool=0`` gives plain shuffled batches.
     Similar lengths in a batch mean less padding, hence less compute (transformers'
-    ``group_by_length`` does the same)."""
+    ``group_by_length`` does the same). The arguments are checked at the call, not at the
+    first batch."""
+    _check_data(data)
+    check_int("batch_size", batch_size)
+    check_int("pool", pool, low=0)
+    check_int("seed", seed, low=0)
+    return _length_grouped(data, batch_size, pool, seed)
+
+
+def _length_grouped(data: dict[str, torch.Tensor], batch_size: int, pool: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
     if pool == 0:
         yield from _batches(data, batch_size, True, seed, None)
         return
@@ -341,7 +422,10 @@ def length_grouped_batches(data: dict[str, torch.Tensor], batch_size: int, pool:
 def tokenized_accuracy(model: nn.Module, data: dict[str, torch.Tensor], batch_size: int = 128) -> float:
     """Accuracy of ``model``'s argmax on tokenized ``data`` (eval mode, rows taken in order of
     length so batches carry little padding); the model's mode is restored after."""
-    was_training, device = model.training, next(model.parameters()).device
+    device = _check_model(model)[0].device
+    _check_data(data)
+    check_int("batch_size", batch_size)
+    was_training = model.training
     order = torch.argsort(data["attention_mask"].sum(1), stable=True)
     correct = 0
     model.eval()
@@ -357,8 +441,18 @@ def tokenized_accuracy(model: nn.Module, data: dict[str, torch.Tensor], batch_si
 
 def plateaued(val_curve: Sequence[Sequence[float]], patience: int) -> bool:
     """Whether a validation curve ends on a plateau: its best point (the earliest maximum) is
-    followed by at least ``patience`` evaluations, none of them higher."""
-    values = [float(a) for _, a in val_curve]
+    followed by at least ``patience`` evaluations, none of them higher. ``val_curve`` is a
+    list of ``[step, accuracy]`` pairs with finite accuracies."""
+    check_int("patience", patience)
+    if isinstance(val_curve, (str, bytes, Mapping)) or not isinstance(val_curve, IterableABC):
+        raise ValueError(f"val_curve must be a list of [step, accuracy] pairs, got val_curve={val_curve!r}")
+    values = []
+    for i, point in enumerate(val_curve):
+        try:
+            _, accuracy = point
+        except (TypeError, ValueError):
+            raise ValueError(f"val_curve[{i}] must be a [step, accuracy] pair, got val_curve[{i}]={point!r}") from None
+        values.append(check_real(f"val_curve[{i}][1]", accuracy, what="a validation accuracy"))
     if not values:
         return False
     best = values.index(max(values))
@@ -401,21 +495,36 @@ def fit(
             decays towards ``max_steps``): the first steps of a recorded run, re-run to check
             them against its curve. ``stopped`` is then ``"stop_after"``.
     """
+    # everything is checked (and the splits tokenized, which draws no random numbers) before
+    # the global generator is seeded or anything else changes
     check_real("lr", lr, low=0, low_open=True)
     check_int("stop_after", stop_after, allow_none=True)
     check_int("seed", seed, low=0)
     check_int("min_steps", min_steps, low=0)
+    if not isinstance(protocol, Protocol):
+        raise ValueError(f"protocol must be a train.Protocol, got protocol={protocol!r}")
+    params = _check_model(model, trainable=True)
+    if protocol.eval_every > protocol.max_steps:
+        raise ValueError(f"protocol.eval_every must be <= protocol.max_steps={protocol.max_steps} (else fit never "
+                         f"evaluates), got protocol.eval_every={protocol.eval_every}")
+    for name, hook in [("make_optimizer", make_optimizer), ("extra_loss", extra_loss),
+                       ("before_step", before_step), ("after_step", after_step)]:
+        _check_callable(name, hook, allow_none=True)
+    if not isinstance(splits, Mapping) or not all(split in splits for split in ("train", "val", "test")):
+        shown = f"a mapping with {sorted(map(str, splits))}" if isinstance(splits, Mapping) else f"splits={splits!r}"
+        missing = [s for s in ("train", "val", "test") if not isinstance(splits, Mapping) or s not in splits]
+        raise ValueError(f"splits must be a mapping with 'train', 'val' and 'test' datasets "
+                         f"(missing {', '.join(map(repr, missing))}), got {shown}")
+    tokenized = {split: _tokenize(tokenizer, splits[split], protocol.max_length, name=f"splits[{split!r}]")
+                 for split in ("train", "val", "test")}
     torch.manual_seed(seed)
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model has no trainable parameters (requires_grad=True): unfreeze some or add an adapter")
     opt = (make_optimizer(model, lr, protocol.weight_decay) if make_optimizer is not None
            else torch.optim.AdamW(params, lr=lr, weight_decay=protocol.weight_decay))
     peak = [group["lr"] for group in opt.param_groups]
     device = params[0].device
-    data = _tokenize(tokenizer, splits["train"], protocol.max_length)
+    data = tokenized["train"]
     batches = length_grouped_batches(data, protocol.batch_size, protocol.group_by_length, seed)
-    held_out = {split: _tokenize(tokenizer, splits[split], protocol.max_length) for split in ("val", "test")}
+    held_out = {split: tokenized[split] for split in ("val", "test")}
 
     def accuracy(split: str) -> float:
         return tokenized_accuracy(model, held_out[split])

@@ -40,6 +40,7 @@ Run (resumable; a finished run is never run again)::
 from __future__ import annotations
 
 import argparse
+import numbers
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -49,7 +50,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checks import check_real
+from ..checks import check_bool, check_int, check_real
 from ..data import DATA_DIR, label_names, load_text_classification
 from ..lora import add_lora, count_parameters
 from ..models import minilm_mean_pooled
@@ -254,10 +255,21 @@ STUDIES: dict[str, Callable[[], list[Config]]] = {
 }
 
 
-def suite_for(study: str, fresh: bool = False) -> Suite:
-    """The study's suite, resumed from ``in_progress/`` (or from the complete file)."""
-    if study not in STUDIES:
+def _check_study(study: Any) -> str:
+    if not isinstance(study, str) or study not in STUDIES:
         raise ValueError(f"study={study!r} is unknown; allowed values: {', '.join(STUDIES)}")
+    return study
+
+
+def suite_for(study: str, fresh: bool = False) -> Suite:
+    """The study's suite, resumed from ``in_progress/`` (or from the complete file).
+
+    Raises:
+        ValueError: ``study`` is not one of :data:`STUDIES`, or ``fresh`` is not True or False
+            (a truthy ``fresh`` would set the finished runs aside).
+    """
+    _check_study(study)
+    check_bool("fresh", fresh)
     done, partial = RESULTS_DIR / f"{study}.json", IN_PROGRESS_DIR / f"{study}.json"
     path = partial
     if not partial.exists() and done.exists() and not fresh:
@@ -282,7 +294,13 @@ DESCRIPTION = ("stdlib_docstrings (data/stdlib_docstrings), pretrained MiniLM-L6
 
 
 def run_study(study: str, fresh: bool = False) -> Path:
-    """Run what is missing of ``study``; once complete, move its file out of ``in_progress/``."""
+    """Run what is missing of ``study``; once complete, move its file out of ``in_progress/``.
+
+    Raises:
+        ValueError: ``study`` is not one of :data:`STUDIES`, or ``fresh`` is not True or False.
+    """
+    _check_study(study)
+    check_bool("fresh", fresh)
     configs = STUDIES[study]()
     suite = suite_for(study, fresh)
     suite.names = tuple(c.name for c in configs)
@@ -301,20 +319,21 @@ def replay(study: str, config: str, lr: float, seed: int = 0, steps: int = 50) -
     so a notebook can compare its validation accuracy at step ``steps`` with the file's curve.
 
     Raises:
-        ValueError: ``study`` or ``config`` unknown, or ``steps`` not a positive multiple of the
-            protocol's ``eval_every`` (the curve has no point there).
+        ValueError: ``study`` or ``config`` unknown, ``steps`` not a positive multiple of the
+            protocol's ``eval_every`` up to its ``max_steps`` (the curve has no point elsewhere),
+            ``lr`` not a finite number > 0, or ``seed`` not an integer >= 0.
     """
-    if study not in STUDIES:
-        raise ValueError(f"study={study!r} is unknown; allowed values: {', '.join(STUDIES)}")
+    _check_study(study)
     found = {c.name: c for c in STUDIES[study]()}
-    if config not in found:
+    if not isinstance(config, str) or config not in found:
         raise ValueError(f"config={config!r} is not in study {study!r}; allowed values: {', '.join(found)}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0 or steps % PROTOCOL.eval_every:
-        raise ValueError(f"steps={steps!r} must be a positive multiple of eval_every={PROTOCOL.eval_every}")
+    if (isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps <= 0 or steps % PROTOCOL.eval_every
+            or steps > PROTOCOL.max_steps):
+        raise ValueError(f"steps={steps!r} must be a positive multiple of eval_every={PROTOCOL.eval_every} "
+                         f"and <= max_steps={PROTOCOL.max_steps} (where the recorded curve has points)")
     check_real("lr", lr, low=0, low_open=True, what="the recorded run's learning rate")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got seed={seed!r}")
-    result, _ = found[config].run(lr, seed, PROTOCOL, stop_after=steps, progress=False)
+    seed = check_int("seed", seed, low=0)
+    result, _ = found[config].run(lr, seed, PROTOCOL, stop_after=int(steps), progress=False)
     return result
 
 
@@ -324,6 +343,7 @@ def summary_lines(study: str) -> list[str]:
     configuration against LoRA q+v r=8 as a verdict."""
     from ..results import read_study, verdict_line
 
+    _check_study(study)
     names = [c.name for c in STUDIES[study]()]
     _, done, lines = read_study(study, names, RESULTS_DIR)
     reference = done.get("lora_qv_r8")
