@@ -101,3 +101,16 @@ def check_blocksize(blocksize: object, allowed: tuple[int, ...], name: str = "bl
     if isinstance(blocksize, bool) or not isinstance(blocksize, numbers.Integral) or blocksize not in allowed:
         raise ValueError(f"{name}={blocksize!r} is not allowed; allowed values: {', '.join(map(str, allowed))}")
     return int(blocksize)
+
+
+def check_device(name: str, value: Any) -> torch.device:
+    """``value`` (a ``torch.device`` or a device string such as ``"cpu"``, ``"cuda:0"``) as a ``torch.device``."""
+    if isinstance(value, torch.device):
+        return value
+    if isinstance(value, str):
+        try:
+            return torch.device(value)
+        except (RuntimeError, ValueError, TypeError):
+            pass
+    raise ValueError(f"{name} must be a torch.device or a device string such as 'cpu' or 'cuda:0', "
+                     f"got {name}={value!r}")

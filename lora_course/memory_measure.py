@@ -19,6 +19,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from .checks import check_device
+
 __all__ = ["LiveBytes", "PeakMemory", "storage_bytes", "track_peak_memory"]
 
 
@@ -134,14 +136,10 @@ def _tensors_of(objects: Sequence[Any]) -> list[torch.Tensor]:
 def _check_device(device: Any) -> torch.device:
     """``device`` of :func:`track_peak_memory`: "cpu", "cuda", "cuda:N" or a ``torch.device`` of
     those, with CUDA only where it is available; a ``ValueError`` otherwise."""
-    dev = None
-    if isinstance(device, torch.device):
-        dev = device
-    elif isinstance(device, str):
-        try:
-            dev = torch.device(device)
-        except (RuntimeError, ValueError, TypeError):
-            pass
+    try:
+        dev = check_device("device", device)
+    except ValueError:
+        dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device={device!r} is not supported; allowed: None (from the alive objects), "
                          "'cpu', 'cuda', 'cuda:N' or a torch.device of those")

@@ -184,6 +184,13 @@ def check_summary(name: str, summary: Any) -> Summary:
     return summary
 
 
+def check_study(study: Any) -> str:
+    """``study`` must be one of :data:`STUDY_NAMES`; a ``ValueError`` listing them otherwise."""
+    if not isinstance(study, str) or study not in STUDY_NAMES:
+        raise ValueError(f"study={study!r} is unknown; allowed values: {', '.join(STUDY_NAMES)}")
+    return study
+
+
 def study_file(study: str, results_dir: str | Path | None = None) -> Path | None:
     """The converged file of ``study`` (one of :data:`STUDY_NAMES`): ``<study>.json`` once
     complete, else the one in ``in_progress/``; ``None`` before the first run (a file without
@@ -192,8 +199,7 @@ def study_file(study: str, results_dir: str | Path | None = None) -> Path | None
     Raises:
         ValueError: ``study`` is not one of :data:`STUDY_NAMES`, or ``results_dir`` is not a folder.
     """
-    if not isinstance(study, str) or study not in STUDY_NAMES:
-        raise ValueError(f"study={study!r} is unknown; allowed values: {', '.join(STUDY_NAMES)}")
+    check_study(study)
     folder = _results_folder(results_dir)
     for path in (folder / f"{study}.json", folder / "in_progress" / f"{study}.json"):
         if path.exists() and "protocol" in load(path):

@@ -54,6 +54,7 @@ from ..checks import check_bool, check_int, check_real
 from ..data import DATA_DIR, label_names, load_text_classification
 from ..lora import add_lora, count_parameters
 from ..models import minilm_mean_pooled
+from ..results import check_study
 from ..train import Protocol, ProtocolRun, fit
 from .tuning import Config, Suite, log_grid
 
@@ -255,12 +256,6 @@ STUDIES: dict[str, Callable[[], list[Config]]] = {
 }
 
 
-def _check_study(study: Any) -> str:
-    if not isinstance(study, str) or study not in STUDIES:
-        raise ValueError(f"study={study!r} is unknown; allowed values: {', '.join(STUDIES)}")
-    return study
-
-
 def suite_for(study: str, fresh: bool = False) -> Suite:
     """The study's suite, resumed from ``in_progress/`` (or from the complete file).
 
@@ -268,7 +263,7 @@ def suite_for(study: str, fresh: bool = False) -> Suite:
         ValueError: ``study`` is not one of :data:`STUDIES`, or ``fresh`` is not True or False
             (a truthy ``fresh`` would set the finished runs aside).
     """
-    _check_study(study)
+    check_study(study)
     check_bool("fresh", fresh)
     done, partial = RESULTS_DIR / f"{study}.json", IN_PROGRESS_DIR / f"{study}.json"
     path = partial
@@ -299,7 +294,7 @@ def run_study(study: str, fresh: bool = False) -> Path:
     Raises:
         ValueError: ``study`` is not one of :data:`STUDIES`, or ``fresh`` is not True or False.
     """
-    _check_study(study)
+    check_study(study)
     check_bool("fresh", fresh)
     configs = STUDIES[study]()
     suite = suite_for(study, fresh)
@@ -323,7 +318,7 @@ def replay(study: str, config: str, lr: float, seed: int = 0, steps: int = 50) -
             protocol's ``eval_every`` up to its ``max_steps`` (the curve has no point elsewhere),
             ``lr`` not a finite number > 0, or ``seed`` not an integer >= 0.
     """
-    _check_study(study)
+    check_study(study)
     found = {c.name: c for c in STUDIES[study]()}
     if not isinstance(config, str) or config not in found:
         raise ValueError(f"config={config!r} is not in study {study!r}; allowed values: {', '.join(found)}")
@@ -343,7 +338,7 @@ def summary_lines(study: str) -> list[str]:
     configuration against LoRA q+v r=8 as a verdict."""
     from ..results import read_study, verdict_line
 
-    _check_study(study)
+    check_study(study)
     names = [c.name for c in STUDIES[study]()]
     _, done, lines = read_study(study, names, RESULTS_DIR)
     reference = done.get("lora_qv_r8")

@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..checks import check_blocksize, check_bool, check_float_dtype, check_float_tensor, check_int
+from ..checks import check_blocksize, check_bool, check_device, check_float_dtype, check_float_tensor, check_int
 from .double_quant import dequantize_blockwise_8bit, quantize_blockwise_8bit
 
 BLOCKSIZES_4BIT = (32, 64, 128, 256, 512, 1024, 2048, 4096)
@@ -78,19 +78,6 @@ def _described(x: Any) -> str:
     return f"{type(x).__name__} {x!r:.80}"
 
 
-def _as_device(name: str, device: Any) -> torch.device:
-    """``device`` (a ``torch.device`` or a string such as ``"cpu"``, ``"cuda:0"``) as a ``torch.device``."""
-    if isinstance(device, torch.device):
-        return device
-    if isinstance(device, str):
-        try:
-            return torch.device(device)
-        except (RuntimeError, ValueError, TypeError):
-            pass
-    raise ValueError(f"{name} must be a torch.device or a device string such as 'cpu' or 'cuda:0', "
-                     f"got {name}={device!r}")
-
-
 def _as_shape(name: str, shape: Any) -> torch.Size:
     """``shape`` (a tuple, list or ``torch.Size`` of integers >= 1; ``()`` is one value) as a ``torch.Size``."""
     if isinstance(shape, (tuple, list)) and all(
@@ -126,7 +113,7 @@ def empty_output(numel: int, dtype: torch.dtype, device: torch.device | str = "c
     numel = check_int("numel", numel, low=0)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype must be a torch.dtype such as torch.float32, got dtype={dtype!r}")
-    device = _as_device("device", device)
+    device = check_device("device", device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={str(device)!r} needs CUDA, which is not available here "
                          "(torch.cuda.is_available() is False)")
@@ -374,7 +361,7 @@ def decode_workers(numel: int, device: torch.device | str = "cpu") -> int:
     :func:`~lora_course.memory_estimate.estimate_training_memory` counts one thread's.
     ``numel``: an integer >= 1; ``device``: a ``torch.device`` or a device string (a ValueError otherwise)."""
     numel = check_int("numel", numel)
-    if _as_device("device", device).type != "cpu" or torch._C._len_torch_dispatch_stack() > 0:
+    if check_device("device", device).type != "cpu" or torch._C._len_torch_dispatch_stack() > 0:
         return 1
     return max(1, min(torch.get_num_threads(), -(-numel // THREAD_DEQUANT_CHUNK)))
 
