@@ -59,8 +59,9 @@ def plot_converged(results: dict[str, Any], labels: Mapping[str, str], full: Sum
     * left: validation accuracy against steps at each configuration's chosen rate (every seed,
       or seed 0 only with ``curve_seeds="first"``), a dot at the best step, the probe's
       validation accuracy as a reference;
-    * right: test accuracy, mean +- one standard error over the seeds (crosses: the seeds),
-      with :func:`draw_references` (probe, and full fine-tuning when ``full`` is given).
+    * right: test accuracy, mean +- one standard error over the seeds (crosses: the seeds, one
+      column each in seed order, so that tied seeds stay visible), with :func:`draw_references`
+      (probe, and full fine-tuning when ``full`` is given).
 
     Returns the matplotlib figure (not shown).
 
@@ -107,7 +108,8 @@ def plot_converged(results: dict[str, Any], labels: Mapping[str, str], full: Sum
         s = done[name]
         ax2.errorbar([k], [s.mean], yerr=[s.se], fmt="o", color=color, capsize=4)
         tests = [chosen_run(results, name, seed=seed)["test_accuracy"] for seed in file_seeds]
-        ax2.plot([k + 0.15] * len(tests), tests, "x", color=color, markersize=5)
+        offsets = [0.12 + 0.06 * j for j in range(len(tests))]  # one column per seed: tied seeds stay visible
+        ax2.plot([k + o for o in offsets], tests, "x", color=color, markersize=5)
     draw_references(ax1, probe_val, split="val")  # the probe on the same validation split
     ax1.set_xlabel("training step (batch of 32 texts)")
     ax1.set_ylabel(f"validation accuracy (fraction of {n_val})")
@@ -119,7 +121,7 @@ def plot_converged(results: dict[str, Any], labels: Mapping[str, str], full: Sum
                    ha="right" if wide else "center")
     ax2.set_xlim(-0.6, len(names) - 0.4)
     ax2.set_ylabel(f"test accuracy (fraction of {n_test})")
-    ax2.set_title("converged: mean ± 1 s.e. over seeds (crosses: the seeds)", fontsize=10)
+    ax2.set_title(f"converged: mean ± 1 s.e.; crosses: seeds {', '.join(map(str, file_seeds))} in order", fontsize=10)
     ax2.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22 if wide else -0.12))
     if title:
         fig.suptitle(title)

@@ -7,7 +7,7 @@ Whatever LoRA or fine-tuning reaches later is compared with this number.
 Notebook 00 re-runs the quick subset (``QUICK_SIZES``) with :func:`probe_experiment`
 and compares it with ``quick_subset`` in the file.
 
-Run (about 30 s on a 2-core CPU)::
+Run (the file records how long the run took, under ``seconds``)::
 
     python -m lora_course.experiments.baseline      # writes data/results/baseline.json
 """
