@@ -14,18 +14,31 @@ In one run, at each thread count of ``--threads``:
    compute, LoRA r = ``--rank``) against PEFT's LoRA on bitsandbytes' ``Linear4bit`` holding the
    same weight and factors, forward and backward of ``--tokens`` tokens (gradients for x, A, B).
 
+Whether a fresh output lands on memory the process already touched is up to glibc's allocator,
+whose mmap threshold moves with the sizes freed before: in one run a 32 MiB float16 output of
+bitsandbytes came back on recycled pages (no page faults, 39 GB/s) while ours took fresh ones, a
+4.68x "ratio" that measured the allocator. ``--malloc`` fixes that state for every implementation
+alike (the script re-executes itself with glibc's environment variables, read at start-up):
+``fresh``: ``MALLOC_MMAP_THRESHOLD_=131072`` (every large output is new, zero-filled memory from the
+kernel, as in a training step's first touch); ``reuse``: ``MALLOC_MMAP_MAX_=0`` and a trim
+threshold of 4 GiB (every large output reuses pages freed before: no page faults);
+``default`` leaves glibc as it is.
+
 Outputs are checked bit-identical first. The implementations run interleaved, the order rotating
 every repetition, so a slow spell of a shared machine hits all alike; the script prints medians
 and time ratios ours / bitsandbytes (< 1 = ours faster). Timings are never asserted.
 
 Usage: python benchmarks/bench_nf4_vs_bnb.py [--reps 15] [--quant-reps 5] [--threads 1 2] [--size 4096] [--tokens 256] [--rank 16]
+       [--malloc default|fresh|reuse] [--skip-layer]
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -43,6 +56,21 @@ from lora_course.references import peft_lora_on_linear4bit  # noqa: E402
 from lora_course.quant import quantize_nf4  # noqa: E402
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: glibc settings per --malloc regime (environment variables read when the process starts)
+MALLOC_ENV = {
+    "default": {},
+    "fresh": {"MALLOC_MMAP_THRESHOLD_": "131072"},
+    "reuse": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(4 << 30)},
+}
+
+
+def apply_malloc_regime(regime: str) -> None:
+    """Re-execute this script with the regime's glibc variables unless they are already set."""
+    env = MALLOC_ENV[regime]
+    if all(os.environ.get(k) == v for k, v in env.items()):
+        return
+    os.environ.update(env)
+    os.execv(sys.executable, [sys.executable, *sys.argv])
 
 
 def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
@@ -141,18 +169,23 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--malloc", choices=sorted(MALLOC_ENV), default="default",
+                    help="glibc allocator state for every implementation alike (see the module docstring)")
+    ap.add_argument("--skip-layer", action="store_true", help="skip the QLoRA layer step")
     args = ap.parse_args()
+    apply_malloc_regime(args.malloc)
     w = torch.randn(args.size, args.size, generator=torch.Generator().manual_seed(0)) * 0.02
     print(f"torch {torch.__version__}, bitsandbytes {bitsandbytes.__version__}, peft {peft.__version__}, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}; weight {args.size}x{args.size}, blocksize 64, "
-          f"{args.reps} interleaved reps each ({args.quant_reps} for quantize), medians")
+          f"{args.reps} interleaved reps each ({args.quant_reps} for quantize), medians; malloc regime {args.malloc} "
+          f"{MALLOC_ENV[args.malloc] or '(glibc as it is)'}")
     summary = []
     for threads in args.threads:
         torch.set_num_threads(threads)
         print(f"\n== {threads} thread(s)")
         quant = bench_quantize(w, args.quant_reps) if args.quant_reps else []
         deq = bench_dequantize(w, args.reps)
-        layer = bench_qlora_layer(args.size, args.tokens, args.rank, args.reps)
+        layer = None if args.skip_layer else bench_qlora_layer(args.size, args.tokens, args.rank, args.reps)
         summary.append((threads, quant, deq, layer))
     print("\nsummary (time ratio ours/bnb, < 1 = ours faster; bandwidth fraction = clone time / time)")
     for threads, quant, deq, layer in summary:
@@ -160,7 +193,8 @@ def main() -> None:
             print(f"  {threads} thr  {label}  ours/bnb {r:.2f}")
         for label, r, fo, fb in deq:
             print(f"  {threads} thr  {label}  ours/bnb {r:.2f}  fraction ours {fo:.2f} bnb {fb:.2f}")
-        print(f"  {threads} thr  QLoRA layer step            ours/bnb {layer:.2f}")
+        if layer is not None:
+            print(f"  {threads} thr  QLoRA layer step            ours/bnb {layer:.2f}")
 
 
 if __name__ == "__main__":
